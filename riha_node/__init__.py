@@ -1,0 +1,1 @@
+"""riha-node: drafts chest X-ray reports beside PACS."""

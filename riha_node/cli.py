@@ -1,0 +1,174 @@
+"""The `riha-node` command line: one group, one command per operator task.
+
+Errors an operator can cause end as one sentence on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from riha_model.errors import RihaModelError
+from riha_node.config import Config, ConfigError, DestinationConfig, load_config
+from riha_node.db import Database
+from riha_node.errors import UserError
+from riha_node.log import configure_logging
+from riha_node.reporting import list_studies, node_status
+from riha_node.states import StudyState
+from riha_node.storage import InstanceStore
+from riha_node.tls import client_context
+
+EXIT_USER_ERROR = 2
+
+
+class RihaGroup(click.Group):
+    """Turns the errors an operator can cause into one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (UserError, RihaModelError) as exc:
+            click.echo(f"riha-node: {exc}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                             default=None, help="Configuration file (default: ./riha-node.toml or $RIHA_NODE_CONFIG).")
+
+
+def _load(config_path: Path | None) -> Config:
+    config = load_config(config_path)
+    configure_logging(config.logging.level, config.logging.format)
+    return config
+
+
+@click.group(cls=RihaGroup)
+@click.version_option(package_name="riha-node")
+def main() -> None:
+    """riha-node: drafts chest X-ray reports beside PACS and returns them as DICOM Structured Reports."""
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the DICOM listener and the study scheduler until SIGTERM or Ctrl-C."""
+    from riha_node.serve import serve as run_node
+
+    run_node(_load(config_path))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Studies by state, instances, queue depth, model and disk."""
+    config = _load(config_path)
+    db = _open_database(config)
+    with db.session() as session:
+        summary = node_status(session, config, InstanceStore(config.node.storage_dir))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"node      {summary['node']['ae_title']} on {summary['node']['host']}:{summary['node']['port']}")
+    by_state = ", ".join(f"{state} {count}" for state, count in summary["studies"].items() if count)
+    click.echo(f"studies   {by_state or 'none'}")
+    click.echo(f"instances {summary['instances']} ({summary['stored_bytes'] / 1e6:.1f} MB)")
+    click.echo("queue     " + ", ".join(f"{state} {count}" for state, count in summary["queue"].items()))
+    click.echo(f"model     {summary['model']['checkpoint'] or 'none configured'}")
+    disk = summary["disk"]
+    click.echo(f"disk      {disk['used_percent']:.0f}% used "
+               f"(watermark {disk['watermark_percent']:g}%)")
+
+
+@main.command()
+@config_option
+@click.option("--state", type=click.Choice([s.value for s in StudyState]), default=None, help="Only this state.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list instead of a table.")
+def studies(config_path: Path | None, state: str | None, as_json: bool) -> None:
+    """List studies with their state and the reason for it."""
+    config = _load(config_path)
+    db = _open_database(config)
+    with db.session() as session:
+        rows = list_studies(session, StudyState(state) if state else None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        reason = f"  ({row['reason']})" if row["reason"] else ""
+        click.echo(f"{row['id']:>6}  {row['state']:<13} {row['instances']:>3} inst  {row['study_uid']}{reason}")
+    if not rows:
+        click.echo("no studies")
+
+
+PEER_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+@main.command()
+@config_option
+@click.argument("peer")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the peer.")
+def echo(config_path: Path | None, peer: str, timeout: float) -> None:
+    """C-ECHO PEER: an AE title from [pacs], or AE@HOST:PORT."""
+    config = _load(config_path)
+    destination = _destination(config, peer)
+    ae = AE(ae_title=config.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    tls_args = (client_context(config.tls), None) if destination.tls else None
+    started = time.monotonic()
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    where = f"{destination.ae_title} at {destination.host}:{destination.port}"
+    if assoc.is_rejected:
+        rsd = assoc.acceptor.primitive
+        raise UserError(f"{where} rejected the association (result {rsd.result}, source {rsd.result_source}, "
+                        f"reason {rsd.diagnostic}); check that it knows AE title {config.node.ae_title!r}.")
+    if not assoc.is_established:
+        raise UserError(f"Cannot associate with {where}: no answer or connection refused; check host, port and "
+                        "that the peer is running.")
+    try:
+        answer = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(answer, "Status", None)
+    if code != 0x0000:
+        raise UserError(f"{where} answered the C-ECHO with status {code!r}.")
+    click.echo(f"C-ECHO {where}: success in {(time.monotonic() - started) * 1000:.0f} ms")
+
+
+def _destination(config: Config, peer: str) -> DestinationConfig:
+    if match := PEER_ADDRESS.match(peer):
+        return DestinationConfig(ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+    return config.destination(peer)
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command()
+@config_option
+def upgrade(config_path: Path | None) -> None:
+    """Apply every pending schema migration (serve also does this at start)."""
+    config = _load(config_path)
+    database = Database(config.database_url)
+    database.upgrade()
+    click.echo(f"database at {database.safe_url} is up to date")
+
+
+def _open_database(config: Config) -> Database:
+    if config.database_url.startswith("sqlite:///"):
+        path = Path(config.database_url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise ConfigError(f"No database at {path}: start `riha-node serve` or run `riha-node db upgrade` first.")
+    return Database(config.database_url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
