@@ -61,12 +61,17 @@ class ReceivedInstance:
             modality=_text(ds, "Modality"),
             body_part=_text(ds, "BodyPartExamined"),
             view_position=_text(ds, "ViewPosition"),
-            priority=min(PRIORITY_RANK.get((_text(ds, k) or "").upper(), ROUTINE)
-                         for k in ("RequestedProcedurePriority", "StudyPriorityID")),
+            priority=_priority(ds),
             patient_id=_text(ds, "PatientID"),
             accession_number=_text(ds, "AccessionNumber"),
             has_pixel_data="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
         )
+
+
+def _priority(ds: Dataset) -> int:
+    """The most urgent of the priorities the data set states; routine when it states none we know."""
+    stated = [PRIORITY_RANK.get((_text(ds, k) or "").upper()) for k in ("RequestedProcedurePriority", "StudyPriorityID")]
+    return min((rank for rank in stated if rank is not None), default=ROUTINE)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

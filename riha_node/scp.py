@@ -83,7 +83,10 @@ class StorageServer:
             return
         server, self.server = self.server, None
         server.shutdown()  # no new associations from here on
-        in_flight = server.active_associations
+        in_flight = [assoc for assoc in server.active_associations if assoc.is_established]
+        for assoc in server.active_associations:
+            if not assoc.is_established:  # connected but never negotiated: nothing to finish
+                assoc.kill()
         deadline = time.monotonic() + grace_s
         while any(assoc.is_alive() for assoc in in_flight) and time.monotonic() < deadline:
             time.sleep(0.05)

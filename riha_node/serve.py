@@ -54,10 +54,11 @@ class Node:
 
 
 def serve(config: Config) -> None:
+    received: list[int] = []
     stop_requested = threading.Event()
 
-    def request_stop(signum, _frame):
-        log.info("stop requested", signal=signal.Signals(signum).name)
+    def request_stop(signum, _frame):  # only record it: logging from a signal handler can re-enter a write
+        received.append(signum)
         stop_requested.set()
 
     signal.signal(signal.SIGTERM, request_stop)
@@ -68,5 +69,6 @@ def serve(config: Config) -> None:
         if not config.model.checkpoint:
             log.warning("no model configured", hint="set [model] checkpoint; studies stay queued until then")
         stop_requested.wait()
+        log.info("stop requested", signal=signal.Signals(received[0]).name)
     finally:
         node.stop()
