@@ -108,9 +108,16 @@ class NodeProcess:
         if not self.config_path.exists():
             self.write_config()
         log = self.log_path.open("ab")
+        already_logged = self.log_text().count('"event": "listening"')
         self.process = subprocess.Popen([str(VENV_BIN / "riha-node"), "serve", "--config", str(self.config_path)],
                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        wait_for_port(self.port, process=self.process)
+        # Wait for the node's own "listening" line, not a probe connection: a probe would hold an association
+        # slot until the ACSE timeout.
+        deadline = time.monotonic() + 30
+        while self.log_text().count('"event": "listening"') == already_logged:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"riha-node serve did not start:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
         return self
 
     def stop(self, timeout: float = 30.0) -> int:
