@@ -15,6 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from riha_model.errors import RihaModelError
+from riha_node import cli_data, cli_model
 from riha_node.config import Config, ConfigError, DestinationConfig, load_config
 from riha_node.db import Database
 from riha_node.errors import UserError
@@ -61,6 +62,27 @@ def serve(config_path: Path | None) -> None:
     from riha_node.serve import serve as run_node
 
     run_node(_load(config_path))
+
+
+@main.command()
+@config_option
+def worker(config_path: Path | None) -> None:
+    """Run one extra worker (same database and storage) until SIGTERM or Ctrl-C."""
+    from riha_node.worker import run_worker
+
+    run_worker(_load(config_path))
+
+
+@main.command()
+@config_option
+@click.argument("study_uid")
+def retry(config_path: Path | None, study_uid: str) -> None:
+    """Queue a failed study again, or send an export_failed study's draft again."""
+    from riha_node.retry import retry_study
+
+    config = _load(config_path)
+    with _open_database(config).session() as session:
+        click.echo(retry_study(session, study_uid))
 
 
 @main.command()
@@ -147,6 +169,19 @@ def _destination(config: Config, peer: str) -> DestinationConfig:
     return config.destination(peer)
 
 
+@main.command()
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("riha-demo"),
+              show_default=True, help="Where the demo keeps its model, phantoms, node storage and received drafts.")
+@click.option("--studies", type=click.IntRange(1, 50), default=6, show_default=True, help="Phantom studies to push.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(workdir: Path, studies: int, seed: int) -> None:
+    """The whole loop on this machine: phantom studies in over DICOM, draft SRs back to a local receiver."""
+    from riha_node.demo import run_demo
+
+    configure_logging("warning", "console")
+    run_demo(workdir.resolve(), studies, seed)
+
+
 @main.group()
 def db() -> None:
     """Database maintenance."""
@@ -168,6 +203,10 @@ def _open_database(config: Config) -> Database:
         if not path.exists():
             raise ConfigError(f"No database at {path}: start `riha-node serve` or run `riha-node db upgrade` first.")
     return Database(config.database_url)
+
+
+for command in (*cli_model.COMMANDS, *cli_data.COMMANDS):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ class DestinationConfig(Section):
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
     tls: bool = False
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6  # then the study is export_failed until retried
+    backoff_s: Annotated[float, Field(gt=0)] = 5.0  # first retry delay; doubles each attempt
+    backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
+    retry_failed_after_s: Annotated[float, Field(gt=0)] = 1800.0  # export_failed studies are tried again after this
 
 
 class TlsConfig(Section):
@@ -117,6 +121,11 @@ class StudyConfig(Section):
 class WorkerConfig(Section):
     device: str = "auto"
     batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    processes: Annotated[int, Field(ge=0, le=64)] = 1  # worker processes `serve` runs (0: only `riha-node worker`)
+    lease_s: Annotated[float, Field(gt=0)] = 120.0  # a worker that stops heartbeating loses its study after this
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3  # then the study is failed with the reason
+    retry_backoff_s: Annotated[float, Field(gt=0)] = 30.0  # first retry delay; doubles each attempt
+    poll_interval_s: Annotated[float, Field(gt=0)] = 0.5
 
     @field_validator("device")
     @classmethod
@@ -135,6 +144,12 @@ class ModelConfig(Section):
         return None if value == "" else value
 
 
+class SrConfig(Section):
+    flavour: Literal["comprehensive", "enhanced", "basic_text"] = "comprehensive"
+    series_description: Annotated[str, Field(min_length=1, max_length=64)] = "AI DRAFT - NOT VERIFIED"
+    series_number: Annotated[int, Field(ge=1)] = 9901
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -148,6 +163,7 @@ class Config(Section):
     study: StudyConfig = StudyConfig()
     worker: WorkerConfig = WorkerConfig()
     model: ModelConfig = ModelConfig()
+    sr: SrConfig = SrConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(default=None, exclude=True)
 

@@ -56,6 +56,15 @@ def claim(db: Database, worker_id: str, lease: timedelta, kind: str = REPORT) ->
     return ClaimedJob(*row) if row else None
 
 
+def heartbeat(db: Database, job_id: int, worker_id: str, lease: timedelta) -> bool:
+    """Extend our lease; False when the job is no longer ours (it expired and another worker claimed it)."""
+    with db.session() as session:
+        result = session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == worker_id,
+                                                   Job.state == JobState.RUNNING.value)
+                                 .values(lease_expires_at=utcnow() + lease))
+    return result.rowcount == 1
+
+
 def counts_by_state(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     return {state.value: 0 for state in (JobState.QUEUED, JobState.RUNNING)} | {s: n for s, n in rows}

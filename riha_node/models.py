@@ -111,3 +111,43 @@ class StudyTransition(Base):
     to_state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Report(Base):
+    """A draft SR the node wrote for a study; a re-report after a late instance names its predecessor."""
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    rel_path: Mapped[str] = mapped_column(String(300))
+    findings: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str] = mapped_column(String(64))
+    source_instances: Mapped[int] = mapped_column(Integer)
+    predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    timings: Mapped[str | None] = mapped_column(Text)  # JSON: seconds spent waiting, decoding, in the model, ...
+
+    exports: Mapped[list["Export"]] = relationship(back_populates="report", order_by="Export.id")
+
+
+class Export(Base):
+    """Delivery of one report to one destination, retried with backoff; claimed under a lease like a job."""
+
+    __tablename__ = "exports"
+    __table_args__ = (Index("ix_exports_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    report: Mapped[Report] = relationship(back_populates="exports")

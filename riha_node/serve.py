@@ -7,7 +7,10 @@ lost, nothing acknowledged is missing), stop the scheduler, close the database.
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -15,6 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from riha_node.assembly import close_quiet_studies
 from riha_node.config import Config
 from riha_node.db import Database
+from riha_node.export import export_due
 from riha_node.log import get_logger
 from riha_node.models import utcnow
 from riha_node.scp import StorageServer
@@ -32,6 +36,7 @@ class Node:
         self.store = InstanceStore(config.node.storage_dir)
         self.server: StorageServer | None = None
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.workers = WorkerProcesses(config)
 
     def start(self) -> None:
         self.store.prepare()
@@ -42,15 +47,68 @@ class Node:
         self.scheduler.add_job(close_quiet_studies, "interval", args=[self.db, quiet],
                                seconds=min(1.0, max(quiet / 4, 0.1)), next_run_time=utcnow(),
                                id="close_quiet_studies", max_instances=1, coalesce=True)
+        self.scheduler.add_job(export_due, "interval", args=[self.db, self.store, self.config], seconds=1.0,
+                               next_run_time=utcnow(), id="export_due", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.workers.keep_running, "interval", seconds=2.0, id="supervise_workers",
+                               max_instances=1, coalesce=True)
         self.scheduler.start()
+        self.workers.keep_running()
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop(SHUTDOWN_GRACE_S)
+        self.workers.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.db.dispose()
         log.info("node stopped")
+
+
+class WorkerProcesses:
+    """`[worker] processes` child processes running `riha-node worker`, restarted if one dies.
+
+    Separate processes keep the model's CPU time off the listener's interpreter, and a crashed worker costs only
+    its lease.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.processes: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def keep_running(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    log.warning("worker exited, restarting", pid=process.pid, exit_code=process.returncode)
+                    self.processes[index] = self._spawn()
+            while len(self.processes) < self.config.worker.processes:
+                self.processes.append(self._spawn())
+
+    def _spawn(self) -> subprocess.Popen:
+        command = [sys.executable, "-m", "riha_node.cli", "worker"]
+        if self.config.source is not None:
+            command += ["--config", str(self.config.source)]
+        process = subprocess.Popen(command, env=os.environ.copy())
+        log.info("worker started", pid=process.pid)
+        return process
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM every worker; each finishes the study in hand (or, past the timeout, is killed: its lease expires)."""
+        with self._lock:
+            self._stopping = True
+            for process in self.processes:
+                if process.poll() is None:
+                    process.terminate()
+            for process in self.processes:
+                try:
+                    process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            self.processes = []
 
 
 def serve(config: Config) -> None:
@@ -66,8 +124,6 @@ def serve(config: Config) -> None:
     node = Node(config)
     try:
         node.start()
-        if not config.model.checkpoint:
-            log.warning("no model configured", hint="set [model] checkpoint; studies stay queued until then")
         stop_requested.wait()
         log.info("stop requested", signal=signal.Signals(received[0]).name)
     finally:

@@ -6,6 +6,7 @@ component only after `valid_uid` accepted it, so a hostile UID such as "../../x"
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -76,6 +77,12 @@ class InstanceStore:
         _fsync_dir(folder)
         for parent in created:
             _fsync_dir(parent)
+
+    def write_dataset(self, rel_path: str, ds) -> None:
+        """A data set the node made (a draft SR), as a Part 10 file, with the same durability as received ones."""
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        self.write_durably(rel_path, [buffer.getvalue()])
 
     def remove(self, rel_path: str) -> None:
         target = self.root / rel_path

@@ -212,12 +212,16 @@ class OrthancProcess:
             self.process = None
 
     def rest(self, method: str, path: str, body: bytes | dict | str | None = None, timeout: float = 60.0):
+        payload = self.rest_bytes(method, path, body, timeout)
+        return json.loads(payload) if payload else None
+
+    def rest_bytes(self, method: str, path: str, body: bytes | dict | str | None = None,
+                   timeout: float = 60.0) -> bytes:
         data = json.dumps(body).encode() if isinstance(body, (dict, list)) else (
             body.encode() if isinstance(body, str) else body)
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
         with LOOPBACK_HTTP.open(request, timeout=timeout) as response:
-            payload = response.read()
-        return json.loads(payload) if payload else None
+            return response.read()
 
 
 @dataclass
