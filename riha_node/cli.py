@@ -91,8 +91,7 @@ def retry(config_path: Path | None, study_uid: str) -> None:
 def status(config_path: Path | None, as_json: bool) -> None:
     """Studies by state, instances, queue depth, model and disk."""
     config = _load(config_path)
-    db = _open_database(config)
-    with db.session() as session:
+    with _open_database(config).read() as session:
         summary = node_status(session, config, InstanceStore(config.node.storage_dir))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -115,8 +114,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 def studies(config_path: Path | None, state: str | None, as_json: bool) -> None:
     """List studies with their state and the reason for it."""
     config = _load(config_path)
-    db = _open_database(config)
-    with db.session() as session:
+    with _open_database(config).read() as session:
         rows = list_studies(session, StudyState(state) if state else None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

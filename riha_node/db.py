@@ -26,14 +26,16 @@ class DatabaseError(UserError):
     """The database cannot be opened or upgraded."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, writer: bool = True) -> Engine:
+    """`writer=False` on SQLite: plain (deferred) transactions, which in WAL mode never wait for the writer."""
     if url.startswith("sqlite"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -55,12 +57,20 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_engine = make_engine(url, writer=False) if url.startswith("sqlite") else self.engine
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions() as session:
             with session.begin():
                 yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only session: on SQLite it does not take the write lock, so it never queues behind writers."""
+        with self._read_sessions() as session:  # closing it rolls the read transaction back
+            yield session
 
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision (idempotent)."""
@@ -78,6 +88,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._read_engine.dispose()
 
 
 def alembic_config() -> AlembicConfig:

@@ -91,7 +91,7 @@ class StoreHandler:
     def __call__(self, event: Event) -> Dataset | int:
         calling_ae = peer_ae(event)
         request = event.request
-        stream = request.DataSet.getbuffer()
+        stream = request.DataSet.getvalue()
         try:
             dataset = read_received(stream, event.context.transfer_syntax)
             instance = ReceivedInstance.from_dataset(dataset, str(event.context.transfer_syntax))
@@ -111,7 +111,7 @@ class StoreHandler:
             return _status(StoreStatus.INVALID_UID, "SOP Instance UID differs from the request")
         ids = {"peer_ae": calling_ae, "study_uid": instance.study_uid, "sop_instance_uid": instance.sop_instance_uid}
         try:
-            with self.db.session() as session:
+            with self.db.read() as session:
                 duplicate = already_stored(session, instance.sop_instance_uid)
         except DBAPIError as exc:
             log.error("database unavailable", **ids, error=type(exc.orig).__name__)
@@ -155,7 +155,7 @@ class StoreHandler:
                                             dataset_sha256=digest, calling_ae=calling_ae, secret=self.secret)
                     return study.id, study.state
             except IntegrityError:
-                with self.db.session() as session:
+                with self.db.read() as session:
                     if attempt == 2 or already_stored(session, instance.sop_instance_uid):
                         raise
         raise AssertionError("unreachable")

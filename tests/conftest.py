@@ -1,9 +1,6 @@
-"""Fixtures shared by the whole suite: where the real data is, and how to find the real peers' binaries."""
+"""Fixtures shared by the whole suite: where the real data is, and a small real model trained once per session."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest

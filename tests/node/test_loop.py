@@ -37,6 +37,30 @@ def loop_node(workdir: Path, checkpoint: Path, pacs: tuple[str, int], extra: str
                                    f'retry_backoff_s = 1\n\n[model]\ncheckpoint = "{checkpoint}"\n' + extra))
 
 
+@pytest.fixture
+def start_loop(tmp_path, phantom_checkpoint):
+    """Start a storescp standing in for PACS (AE "PACS") and a node exporting to it; both stopped afterwards."""
+    started: list[tuple[StorescpProcess, NodeProcess]] = []
+
+    def start(processes: int = 1, receiver_running: bool = True) -> tuple[StorescpProcess, NodeProcess]:
+        receiver = StorescpProcess(tmp_path / "received", aet="PACS")
+        if receiver_running:
+            receiver.start()
+        node = loop_node(tmp_path / "node", phantom_checkpoint, ("PACS", receiver.port), processes=processes)
+        started.append((receiver, node.start()))
+        return started[-1]
+
+    yield start
+    for receiver, node in started:
+        receiver.stop()
+        assert node.stop() == 0
+
+
+def first_study(phantom_dicom: Path) -> list[Path]:
+    """The frontal and lateral files of the first phantom study."""
+    return sorted(sorted(phantom_dicom.iterdir())[0].glob("*.dcm"))
+
+
 def send(node: NodeProcess, *files: Path) -> None:
     result = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1",
                              str(node.port), *map(str, files)], capture_output=True, text=True, env=dcmtk_env())
@@ -72,9 +96,8 @@ def test_orthanc_pushes_a_study_and_stores_the_draft_sr(tmp_path, phantom_checkp
     orthanc.start()
     node.start()
     try:
-        phantom_files = sorted(next(iter(sorted(phantom_dicom.iterdir()))).glob("*.dcm"))
         studies = {}
-        for files in (phantom_files, [real_file("RG1_UNCR.dcm")]):
+        for files in (first_study(phantom_dicom), [real_file("RG1_UNCR.dcm")]):
             for path in files:
                 uploaded = orthanc.rest("POST", "/instances", path.read_bytes())
             orthanc.rest("POST", "/modalities/riha/store", {"Resources": [uploaded["ParentStudy"]],
@@ -103,96 +126,71 @@ def test_orthanc_pushes_a_study_and_stores_the_draft_sr(tmp_path, phantom_checkp
         assert node.stop() == 0
 
 
-def test_export_retries_with_backoff_until_the_receiver_starts_and_delivers_once(tmp_path, phantom_checkpoint,
-                                                                                   phantom_dicom):
-    receiver = StorescpProcess(tmp_path / "received", aet="PACS")
-    node = loop_node(tmp_path / "node", phantom_checkpoint, ("PACS", receiver.port)).start()
+def test_export_retries_with_backoff_until_the_receiver_starts_and_delivers_once(start_loop, phantom_dicom):
+    receiver, node = start_loop(receiver_running=False)
+    send(node, *first_study(phantom_dicom))
+    node.wait_for(lambda: node.log_text().count('"event": "export retried"') >= 2, timeout=120,
+                  what="export retries while the receiver is down")
+    assert node.studies()[0]["state"] == "reported"
+    receiver.start()
+    node.wait_for(lambda: node.studies("exported"), timeout=60, what="delivery after the receiver started")
+    time.sleep(3)
+    assert len(receiver.received()) == 1, "exactly one copy of the draft must arrive"
+    delays = [json.loads(line)["delay_s"] for line in node.log_text().splitlines()
+              if '"event": "export retried"' in line]
+    assert delays[:3] == sorted(delays[:3]) and delays[1] == 2 * delays[0], "backoff must grow"
+
+
+def test_a_killed_worker_loses_its_lease_and_another_worker_reports_the_study_once(start_loop, phantom_dicom):
+    receiver, node = start_loop(processes=0)
+    worker_command = [str(VENV_BIN / "riha-node"), "worker", "--config", str(node.config_path)]
+    first = subprocess.Popen(worker_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    send(node, *first_study(phantom_dicom))
+    claimed = ""
+    deadline = time.monotonic() + 120
+    while '"event": "study claimed"' not in claimed and time.monotonic() < deadline:
+        claimed += first.stdout.readline()
+    first.send_signal(signal.SIGKILL)
+    rest, _ = first.communicate(timeout=10)
+    assert '"event": "study claimed"' in claimed and '"event": "study reported"' not in claimed + rest
+    assert node.studies()[0]["state"] == "processing"
+    second = subprocess.Popen(worker_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        send(node, *sorted(next(iter(sorted(phantom_dicom.iterdir()))).glob("*.dcm")))
-        node.wait_for(lambda: node.log_text().count('"event": "export retried"') >= 2, timeout=120,
-                      what="export retries while the receiver is down")
-        assert node.studies()[0]["state"] == "reported"
-        receiver.start()
-        node.wait_for(lambda: node.studies("exported"), timeout=60, what="delivery after the receiver started")
-        time.sleep(3)
-        assert len(receiver.received()) == 1, "exactly one copy of the draft must arrive"
-        delays = [json.loads(line)["delay_s"] for line in node.log_text().splitlines()
-                  if '"event": "export retried"' in line]
-        assert delays[:3] == sorted(delays[:3]) and delays[1] == 2 * delays[0], "backoff must grow"
+        node.wait_for(lambda: node.studies("exported"), timeout=120, what="the second worker's report")
     finally:
-        receiver.stop()
-        assert node.stop() == 0
+        second.terminate()
+        second.wait(timeout=60)
+    time.sleep(2)
+    assert len(receiver.received()) == 1
+    assert node.status()["queue"].get("done") == 1
 
 
-def test_a_killed_worker_loses_its_lease_and_another_worker_reports_the_study_once(tmp_path, phantom_checkpoint,
-                                                                                      phantom_dicom):
-    receiver = StorescpProcess(tmp_path / "received", aet="PACS").start()
-    node = loop_node(tmp_path / "node", phantom_checkpoint, ("PACS", receiver.port), processes=0).start()
-    first = subprocess.Popen([str(VENV_BIN / "riha-node"), "worker", "--config", str(node.config_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        send(node, *sorted(next(iter(sorted(phantom_dicom.iterdir()))).glob("*.dcm")))
-        claimed = ""
-        deadline = time.monotonic() + 120
-        while '"event": "study claimed"' not in claimed and time.monotonic() < deadline:
-            claimed += first.stdout.readline()
-        first.send_signal(signal.SIGKILL)
-        rest, _ = first.communicate(timeout=10)
-        assert '"event": "study claimed"' in claimed and '"event": "study reported"' not in claimed + rest
-        assert node.studies()[0]["state"] == "processing"
-        second = subprocess.Popen([str(VENV_BIN / "riha-node"), "worker", "--config", str(node.config_path)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            node.wait_for(lambda: node.studies("exported"), timeout=120, what="the second worker's report")
-        finally:
-            second.terminate()
-            second.wait(timeout=60)
-        time.sleep(2)
-        assert len(receiver.received()) == 1
-        assert node.status()["queue"].get("done") == 1
-    finally:
-        receiver.stop()
-        assert node.stop() == 0
+def test_late_instance_after_export_gives_a_second_sr_naming_its_predecessor(start_loop, phantom_dicom):
+    receiver, node = start_loop()
+    frontal, lateral = first_study(phantom_dicom)
+    send(node, frontal)
+    node.wait_for(lambda: node.studies("exported"), timeout=120, what="the first draft")
+    send(node, lateral)
+    node.wait_for(lambda: len(receiver.received()) == 2 and node.studies("exported"), timeout=120,
+                  what="the second draft")
+    first, second = sorted((pydicom.dcmread(p) for p in receiver.received()), key=lambda d: d.InstanceNumber)
+    assert second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert second.SeriesInstanceUID == first.SeriesInstanceUID and second.InstanceNumber == 2
+    assert len(evidence_uids(second)) == 2
 
 
-def test_late_instance_after_export_gives_a_second_sr_naming_its_predecessor(tmp_path, phantom_checkpoint,
-                                                                            phantom_dicom):
-    receiver = StorescpProcess(tmp_path / "received", aet="PACS").start()
-    node = loop_node(tmp_path / "node", phantom_checkpoint, ("PACS", receiver.port)).start()
-    try:
-        frontal, lateral = sorted(next(iter(sorted(phantom_dicom.iterdir()))).glob("*.dcm"))
-        send(node, frontal)
-        node.wait_for(lambda: node.studies("exported"), timeout=120, what="the first draft")
-        send(node, lateral)
-        node.wait_for(lambda: len(receiver.received()) == 2 and node.studies("exported"), timeout=120,
-                      what="the second draft")
-        first, second = sorted((pydicom.dcmread(p) for p in receiver.received()), key=lambda d: d.InstanceNumber)
-        assert second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
-            .ReferencedSOPInstanceUID == first.SOPInstanceUID
-        assert second.SeriesInstanceUID == first.SeriesInstanceUID and second.InstanceNumber == 2
-        assert len(evidence_uids(second)) == 2
-    finally:
-        receiver.stop()
-        assert node.stop() == 0
-
-
-def test_a_study_with_nothing_the_model_can_read_fails_with_the_reason_and_can_be_retried(tmp_path,
-                                                                                            phantom_checkpoint):
-    receiver = StorescpProcess(tmp_path / "received", aet="PACS").start()
-    node = loop_node(tmp_path / "node", phantom_checkpoint, ("PACS", receiver.port)).start()
-    try:
-        broken = derive(real_file("RG1_J2KR.dcm"), tmp_path / "broken.dcm", study_uid=generate_uid(),
-                        PixelData=encapsulate([bytes(range(256)) * 64]))  # well framed, but not a JPEG 2000 stream
-        result = subprocess.run([dcmtk("storescu"), "-xv", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1",
-                                 str(node.port), str(broken)], capture_output=True, text=True, env=dcmtk_env())
-        assert result.returncode == 0, result.stderr
-        failed = node.wait_for(lambda: node.studies("failed"), timeout=120, what="the study to fail")
-        assert failed[0]["reason"].startswith("no usable image")
-        retried = node.cli("retry", failed[0]["study_uid"])
-        assert "queued again" in retried.stdout
-        node.wait_for(lambda: node.studies("failed"), timeout=120, what="the study to fail again")
-        unknown = node.cli("retry", "1.2.3.4", check=False)
-        assert unknown.returncode == 2 and "No study with StudyInstanceUID 1.2.3.4" in unknown.stderr
-    finally:
-        receiver.stop()
-        assert node.stop() == 0
+def test_a_study_with_nothing_the_model_can_read_fails_with_the_reason_and_can_be_retried(start_loop, tmp_path):
+    _, node = start_loop()
+    broken = derive(real_file("RG1_J2KR.dcm"), tmp_path / "broken.dcm", study_uid=generate_uid(),
+                    PixelData=encapsulate([bytes(range(256)) * 64]))  # well framed, but not a JPEG 2000 stream
+    result = subprocess.run([dcmtk("storescu"), "-xv", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1",
+                             str(node.port), str(broken)], capture_output=True, text=True, env=dcmtk_env())
+    assert result.returncode == 0, result.stderr
+    failed = node.wait_for(lambda: node.studies("failed"), timeout=120, what="the study to fail")
+    assert failed[0]["reason"].startswith("no usable image")
+    retried = node.cli("retry", failed[0]["study_uid"])
+    assert "queued again" in retried.stdout
+    node.wait_for(lambda: node.studies("failed"), timeout=120, what="the study to fail again")
+    unknown = node.cli("retry", "1.2.3.4", check=False)
+    assert unknown.returncode == 2 and "No study with StudyInstanceUID 1.2.3.4" in unknown.stderr
