@@ -125,7 +125,8 @@ class WorkerConfig(Section):
     lease_s: Annotated[float, Field(gt=0)] = 120.0  # a worker that stops heartbeating loses its study after this
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3  # then the study is failed with the reason
     retry_backoff_s: Annotated[float, Field(gt=0)] = 30.0  # first retry delay; doubles each attempt
-    poll_interval_s: Annotated[float, Field(gt=0)] = 0.5
+    poll_interval_s: Annotated[float, Field(gt=0)] = 0.2
+    threads: Annotated[int, Field(ge=0, le=256)] = 0  # CPU threads for the model; 0: all cores but one (at least 1)
 
     @field_validator("device")
     @classmethod

@@ -28,6 +28,10 @@ log = get_logger(__name__)
 
 SHUTDOWN_GRACE_S = 10.0
 
+# Set for the workers `serve` starts: they stop when it is gone, even after a `kill -9` that left no one to send them
+# SIGTERM, so a restarted node never finds the last run's workers still at work.
+PARENT_PID_VARIABLE = "RIHA_NODE_PARENT_PID"
+
 
 class Node:
     def __init__(self, config: Config):
@@ -45,7 +49,7 @@ class Node:
         self.server.start()
         quiet = self.config.study.quiet_period_s
         self.scheduler.add_job(close_quiet_studies, "interval", args=[self.db, quiet],
-                               seconds=min(1.0, max(quiet / 4, 0.1)), next_run_time=utcnow(),
+                               seconds=min(0.25, max(quiet / 4, 0.05)), next_run_time=utcnow(),
                                id="close_quiet_studies", max_instances=1, coalesce=True)
         self.scheduler.add_job(export_due, "interval", args=[self.db, self.store, self.config], seconds=1.0,
                                next_run_time=utcnow(), id="export_due", max_instances=1, coalesce=True)
@@ -92,7 +96,7 @@ class WorkerProcesses:
         command = [sys.executable, "-m", "riha_node.cli", "worker"]
         if self.config.source is not None:
             command += ["--config", str(self.config.source)]
-        process = subprocess.Popen(command, env=os.environ.copy())
+        process = subprocess.Popen(command, env=os.environ | {PARENT_PID_VARIABLE: str(os.getpid())})
         log.info("worker started", pid=process.pid)
         return process
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import torch
 from sqlalchemy import select
 
 from riha_model.errors import RihaModelError
 from riha_node import jobs
 from riha_node.config import Config
 from riha_node.db import Database
+from riha_node.export import export_due
+from riha_node.serve import PARENT_PID_VARIABLE
 from riha_node.log import get_logger
 from riha_node.model_runtime import ActiveModel, ModelHolder
 from riha_node.models import Export, Instance, Job, Report, Study, utcnow
@@ -60,7 +64,11 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, args=(stop,), name="lease-heartbeat", daemon=True)
         heartbeat.start()
         log.info("worker started", worker=self.worker_id)
+        parent = int(os.environ.get(PARENT_PID_VARIABLE, "0"))
         while not stop.is_set():
+            if parent and os.getppid() != parent:
+                log.warning("serve is gone; worker stopping", worker=self.worker_id)
+                break
             model = self.models.current()
             if model is None:
                 stop.wait(max(self.config.worker.poll_interval_s, 5.0))
@@ -70,6 +78,7 @@ class Worker:
                 stop.wait(self.config.worker.poll_interval_s)
                 continue
             self.process(claimed, model)
+            export_due(self.db, self.store, self.config)  # first delivery at once; retries are the scheduler's
         log.info("worker stopped", worker=self.worker_id)
 
     def _claim_batch(self) -> list[ClaimedStudy]:
@@ -208,10 +217,15 @@ class Worker:
         self._release(item.job.id)
 
 
+def cpu_threads(configured: int) -> int:
+    """The model's CPU threads: as configured, else every core but one, which stays for the listener and the
+    database (measured: two threads fighting the listener for two cores made generation several times slower)."""
+    return configured or max(1, (os.cpu_count() or 1) - 1)
+
+
 def run_worker(config: Config) -> None:
     """`riha-node worker`: one worker process until SIGTERM/SIGINT."""
-    import signal
-
+    torch.set_num_threads(cpu_threads(config.worker.threads))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -208,6 +208,8 @@ def test_kill_9_mid_transfer_loses_nothing_that_was_acknowledged(tmp_path):
     node.kill()
     thread.join(timeout=60)
     assert 15 <= len(acknowledged) < len(files), "the kill must land mid-transfer"
+    node.wait_for(lambda: subprocess.run(["pgrep", "-f", str(node.config_path)]).returncode == 1, timeout=60,
+                  what="the killed node's worker process to stop by itself")
     node.start()
     try:
         on_disk = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in stored_files(node)}
