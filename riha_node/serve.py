@@ -30,7 +30,7 @@ SHUTDOWN_GRACE_S = 10.0
 
 # Set for the workers `serve` starts: they stop when it is gone, even after a `kill -9` that left no one to send them
 # SIGTERM, so a restarted node never finds the last run's workers still at work.
-PARENT_PID_VARIABLE = "RIHA_NODE_PARENT_PID"
+PARENT_PID_VARIABLE = "RIHA_SERVE_PID"  # outside RIHA_NODE_*, which is for configuration keys
 
 
 class Node:

@@ -132,6 +132,9 @@ class Worker:
         model_s = (time.monotonic() - started) / len(ready)
         for item, text in zip(ready, texts):
             item.timings["model_s"] = model_s
+            if not text.strip():  # the end token won at the first step: the same weights would do it again
+                self._fail(item, "the model wrote an empty report", retry=False)
+                continue
             try:
                 self._finish(item, text, model)
             except Exception as exc:  # writing or recording the SR failed: retry the study later
