@@ -1,9 +1,13 @@
 """Fixtures shared by the whole suite: where the real data is, and a small real model trained once per session."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from riha_model.api import TrainResult, train_model
+from riha_model.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -15,16 +19,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def phantom_checkpoint(tmp_path_factory) -> Path:
-    """A real `tiny` checkpoint trained in this test session on phantom studies: small and quick, but a model that
-    writes text, for the tests of everything around the model (worker, SR, export, retrain)."""
-    from riha_model.api import train_model
-    from riha_model.phantoms import write_phantoms
+@dataclass(frozen=True)
+class PhantomModel:
+    annotation: Path  # the phantom studies it was trained on (annotation.json, images/ beside it)
+    result: TrainResult
 
+
+@pytest.fixture(scope="session")
+def phantom_model(tmp_path_factory) -> PhantomModel:
+    """A real `tiny` checkpoint trained in this test session on phantom studies: small and quick, a model that
+    writes text, for the tests of everything around the model (API, CLI, worker, SR, export)."""
     folder = tmp_path_factory.mktemp("phantom-model")
     annotation = write_phantoms(folder / "data", 32, seed=7, image_size=64)
-    checkpoint = folder / "tiny.ckpt"
-    train_model(annotation, checkpoint, preset="tiny", epochs=2, batch_size=8, seed=7, device="cpu",
-                config_overrides={"image_size": 64})
-    return checkpoint
+    result = train_model(annotation, folder / "tiny.riha", preset="tiny", epochs=2, batch_size=8, seed=7,
+                         device="cpu", config_overrides={"image_size": 64})
+    return PhantomModel(annotation=annotation, result=result)
+
+
+@pytest.fixture(scope="session")
+def phantom_checkpoint(phantom_model) -> Path:
+    return phantom_model.result.checkpoint

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from riha_model.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from riha_model.errors import RihaModelError
-from tests.model.test_model_forward import make_batch, make_model, one_thread, tokenizer  # noqa: F401
+from tests.model.test_model_forward import make_batch, make_model, tokenizer  # noqa: F401
 
 
 @pytest.fixture()

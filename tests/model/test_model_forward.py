@@ -30,15 +30,6 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.build(iu_reports(), threshold=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model runs many small ops; on a shared, busy 2-core CPU a second thread mostly waits (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> RihaConfig:
     return RihaConfig.preset("tiny", image_size=IMAGE_SIZE, **overrides)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from riha_model.model import EOS, RIHA, banned_trigram_tokens, causal_mask
-from tests.model.test_model_forward import make_batch, make_model, one_thread  # noqa: F401
+from tests.model.test_model_forward import make_batch, make_model
 
 
 def float64_model(rpe: str = "bias", end_bias: float = 0.0) -> RIHA:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.model.test_model_forward import make_batch, make_model, one_thread  # noqa: F401
+from tests.model.test_model_forward import make_batch, make_model
 
 
 def test_tiny_model_memorises_four_studies():

@@ -8,7 +8,7 @@ import torch
 
 from riha_model.model import HierarchicalAlignment, collapse_penalty, squared_distances, unit_spread
 from riha_model.ot import sinkhorn_unbalanced_batch, uniform_marginals
-from tests.model.test_model_forward import make_batch, make_model, one_thread, tiny_config  # noqa: F401
+from tests.model.test_model_forward import make_batch, make_model, tiny_config  # noqa: F401
 
 REG, REG_M = 0.1, 0.5
 
