@@ -78,11 +78,23 @@ def worker(config_path: Path | None) -> None:
 @click.argument("study_uid")
 def retry(config_path: Path | None, study_uid: str) -> None:
     """Queue a failed study again, or send an export_failed study's draft again."""
-    from riha_node.retry import retry_study
+    from riha_node.interventions import retry_study
 
     config = _load(config_path)
     with _open_database(config).session() as session:
         click.echo(retry_study(session, study_uid))
+
+
+@main.command()
+@config_option
+@click.argument("study_uid")
+def discard(config_path: Path | None, study_uid: str) -> None:
+    """Take a study out of the node's work: mark it ignored, cancel its job, send no undelivered draft."""
+    from riha_node.interventions import discard_study
+
+    config = _load(config_path)
+    with _open_database(config).session() as session:
+        click.echo(discard_study(session, study_uid))
 
 
 @main.command()

@@ -27,6 +27,7 @@ log = get_logger(__name__)
 
 SEND_LEASE = timedelta(minutes=5)
 PENDING, SENDING, DELIVERED, FAILED = "pending", "sending", "delivered", "failed"
+DISCARDED = "discarded"  # an operator discarded the study: never sent, never revived
 
 
 def export_due(db: Database, store: InstanceStore, config: Config) -> int:

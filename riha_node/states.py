@@ -3,6 +3,7 @@
     (new) -> receiving | ignored
     receiving --quiet period--> queued --claimed--> processing --> reported --> exported
     a new chest instance re-opens queued, processing, reported, exported, export_failed, failed and ignored studies
+    an operator may discard (-> ignored) a receiving, queued, reported, export_failed or failed study
 
 Every change is written with an audit row in the same transaction as the change itself.
 """
@@ -40,12 +41,12 @@ REOPENABLE = {StudyState.QUEUED, StudyState.PROCESSING, StudyState.REPORTED, Stu
 ALLOWED: dict[StudyState | None, set[StudyState]] = {
     None: {StudyState.RECEIVING, StudyState.IGNORED},
     StudyState.RECEIVING: {StudyState.QUEUED, StudyState.IGNORED},
-    StudyState.QUEUED: {StudyState.RECEIVING, StudyState.PROCESSING},
+    StudyState.QUEUED: {StudyState.RECEIVING, StudyState.PROCESSING, StudyState.IGNORED},
     StudyState.PROCESSING: {StudyState.RECEIVING, StudyState.REPORTED, StudyState.FAILED, StudyState.QUEUED},
-    StudyState.REPORTED: {StudyState.RECEIVING, StudyState.EXPORTED, StudyState.EXPORT_FAILED},
+    StudyState.REPORTED: {StudyState.RECEIVING, StudyState.EXPORTED, StudyState.EXPORT_FAILED, StudyState.IGNORED},
     StudyState.EXPORTED: {StudyState.RECEIVING},
-    StudyState.EXPORT_FAILED: {StudyState.RECEIVING, StudyState.EXPORTED, StudyState.REPORTED},
-    StudyState.FAILED: {StudyState.RECEIVING, StudyState.QUEUED},
+    StudyState.EXPORT_FAILED: {StudyState.RECEIVING, StudyState.EXPORTED, StudyState.REPORTED, StudyState.IGNORED},
+    StudyState.FAILED: {StudyState.RECEIVING, StudyState.QUEUED, StudyState.IGNORED},
     StudyState.IGNORED: {StudyState.RECEIVING},
 }
 

@@ -168,3 +168,29 @@ def test_expired_lease_is_claimed_again(database):
     second = claim(database, "healthy", timedelta(seconds=30))
     assert second is not None and second.id == first.id and second.attempts == 2
     assert claim(database, "third", timedelta(seconds=30)) is None
+
+
+def test_an_operator_can_discard_a_queued_or_failed_study_but_not_one_in_processing(database):
+    from riha_node.errors import UserError
+    from riha_node.interventions import discard_study, retry_study
+
+    with database.session() as session:
+        study = store(session, received())
+        session.execute(Study.__table__.update().values(last_received_at=utcnow() - timedelta(seconds=5)))
+    close_quiet_studies(database, quiet_period_s=1)
+    with database.session() as session:
+        assert discard_study(session, "1.2.3").endswith("discarded")
+        assert session.scalar(select(Study.state)) == "ignored"
+        assert session.scalars(select(Job.state)).all() == [JobState.CANCELLED.value]
+        with pytest.raises(UserError, match="is ignored; a study being processed"):
+            discard_study(session, "1.2.3")
+        with pytest.raises(UserError, match="only failed and export_failed studies can be retried"):
+            retry_study(session, "1.2.3")
+        study = store(session, received(sop_uid="1.2.3.1.2"))
+        assert study.state == "receiving", "a new chest instance re-opens a discarded study"
+        move(session, study, StudyState.QUEUED)
+        move(session, study, StudyState.PROCESSING)
+        with pytest.raises(UserError, match="is processing"):
+            discard_study(session, "1.2.3")
+        with pytest.raises(UserError, match="No study with StudyInstanceUID 9.9"):
+            discard_study(session, "9.9")
