@@ -3,8 +3,8 @@
 The recipe (DESIGN, "Training"): Adam with amsgrad, learning rate 5e-5 for the ResNet and 1e-4 for everything else,
 weight decay 5e-5, gradients clipped to 0.1 by value (R2Gen's `clip_grad_value_`), StepLR per epoch; IU-Xray batch
 16 for 100 epochs with StepLR(50, 0.1), MIMIC-CXR batch 64 for 30 epochs with StepLR(1, 0.8). After each validation
-the model with the best validation BLEU-4 so far is written to the output checkpoint; at the end, that model's
-full validation scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr, clinical efficacy) are stored in it.
+the model with the best validation BLEU-4 so far is written to the output checkpoint, with its validation BLEU-1..4
+and clinical efficacy; `evaluate_model` gives every metric on any split.
 
 Resuming: beside the output checkpoint, `<checkpoint>.train-state` holds what the checkpoint does not: the latest
 weights (the checkpoint holds the best), optimizer, scheduler, epoch, best score, history and the random state. It is
@@ -169,17 +169,12 @@ def generate_texts(model: RIHA, tokenizer: Tokenizer, dataset: ReportDataset, ba
     return references, hypotheses
 
 
-def bleu_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
-    """BLEU-1..4 alone, by the scorer metrics.nlg_metrics uses: cheap enough for every validation, where starting
-    METEOR's Java process would cost seconds each time."""
+def validation_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """BLEU-1..4 (the scorer metrics.nlg_metrics uses) and clinical efficacy: what every validation needs and can
+    afford. METEOR is left to `evaluate_model`, since starting its Java process costs seconds each time."""
     scores, _ = Bleu(4).compute_score({i: [text] for i, text in enumerate(references)},
                                       {i: [text] for i, text in enumerate(hypotheses)}, verbose=0)
-    return {f"BLEU_{n}": float(value) for n, value in enumerate(scores, start=1)}
-
-
-def score_reports(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
-    """Language metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and clinical efficacy of generated reports."""
-    return {**nlg_metrics(list(references), list(hypotheses)),
+    return {**{f"BLEU_{n}": float(value) for n, value in enumerate(scores, start=1)},
             "clinical_efficacy": clinical_efficacy(list(references), list(hypotheses))}
 
 
@@ -192,7 +187,8 @@ def evaluate_model(checkpoint: str | os.PathLike, data: str | os.PathLike, image
     studies = read_studies(data, images, dataset=tokenizer.dataset).split(split)
     dataset = ReportDataset(studies, tokenizer, loaded.config, train=False)
     references, hypotheses = generate_texts(loaded.model, tokenizer, dataset, batch_size, device_, desc=split)
-    return {**score_reports(references, hypotheses), "studies": len(studies)}
+    return {**nlg_metrics(references, hypotheses), "clinical_efficacy": clinical_efficacy(references, hypotheses),
+            "studies": len(studies)}
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -338,11 +334,10 @@ class _Run:
             if self.processes.is_main:
                 if validated:
                     self._save_state(epoch)
+                scores = (f" val {SELECTION_METRIC} {record['val_' + SELECTION_METRIC]:.4f} clinical micro F1 "
+                          f"{record['val_clinical_efficacy']['micro_f1']:.4f}") if validated else ""
                 log.info("epoch %d/%d loss %.4f lm %.4f cha %.4f%s (%.1f s)", epoch, epochs, record["loss"],
-                         record["lm_loss"], record["cha_loss"],
-                         f" val {SELECTION_METRIC} {record['val_' + SELECTION_METRIC]:.4f}"
-                         if "val_" + SELECTION_METRIC in record else "", record["seconds"])
-        self._score_best(val_dataset)
+                         record["lm_loss"], record["cha_loss"], scores, record["seconds"])
         return TrainResult(checkpoint=self.out, sha256=self.sha256, best_epoch=self.best_epoch,
                            best_metrics=self.best_metrics, history=self.history)
 
@@ -369,10 +364,11 @@ class _Run:
         return {key: value / max(steps, 1) for key, value in totals.items()}
 
     def _validate(self, val_dataset: ReportDataset, epoch: int) -> dict:
-        """Validation BLEU on every process's share; rank 0 scores, keeps the best checkpoint and tells the rest."""
+        """Generation on every process's share of validation; rank 0 scores, keeps the best checkpoint and tells the
+        rest."""
         references, hypotheses = generate_texts(self.model, self.tokenizer, val_dataset, self.settings["batch_size"],
                                                 self.device, self.processes, desc="validate")
-        metrics = bleu_scores(references, hypotheses) if self.processes.is_main else {}
+        metrics = validation_scores(references, hypotheses) if self.processes.is_main else {}
         if self.processes.is_main and metrics[SELECTION_METRIC] > self.best_score:
             self.best_score, self.best_epoch, self.best_metrics = metrics[SELECTION_METRIC], epoch, metrics
             self.sha256 = save_checkpoint(self.out, self.model, self.config, self.tokenizer.to_dict(),
@@ -382,20 +378,6 @@ class _Run:
             torch_dist.broadcast_object_list(shared, src=0)
             self.best_score, self.best_epoch, self.best_metrics, self.sha256, metrics = shared[0]
         return {f"val_{key}": value for key, value in metrics.items()}
-
-    def _score_best(self, val_dataset: ReportDataset) -> None:
-        """All metrics of the selected model on validation, written into its checkpoint (once, at the end)."""
-        best = load_checkpoint(self.out, map_location=self.device)
-        references, hypotheses = generate_texts(best.model, self.tokenizer, val_dataset, self.settings["batch_size"],
-                                                self.device, self.processes, desc="score best")
-        if self.processes.is_main:
-            self.best_metrics = score_reports(references, hypotheses)
-            self.sha256 = save_checkpoint(self.out, best.model, best.config, best.tokenizer, metadata=best.metadata,
-                                          metrics={"val": self.best_metrics})
-        if self.processes.distributed:
-            shared = [(self.best_metrics, self.sha256)]
-            torch_dist.broadcast_object_list(shared, src=0)
-            self.best_metrics, self.sha256 = shared[0]
 
     # ------------------------------------------------------------------------------------------- resume
 
