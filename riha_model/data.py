@@ -196,20 +196,20 @@ class Example:
 
 
 class ReportDataset(Dataset):
-    """Studies as model examples; images are decoded on access (train: R2Gen's random crop and flip)."""
+    """Studies as model examples; images are decoded on access (augment: R2Gen's random crop and flip)."""
 
-    def __init__(self, studies: Sequence[Study], tokenizer: Tokenizer, config: RihaConfig, train: bool = False):
+    def __init__(self, studies: Sequence[Study], tokenizer: Tokenizer, config: RihaConfig, augment: bool = False):
         self.studies = list(studies)
         self.tokenizer = tokenizer
         self.config = config
-        self.train = train
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.studies)
 
     def __getitem__(self, index: int) -> Example:
         study = self.studies[index]
-        images = torch.stack([to_model_input(load_image(path), self.config.image_size, train=self.train)
+        images = torch.stack([to_model_input(load_image(path), self.config.image_size, train=self.augment)
                               for path in study.images])
         # R2Gen keeps the first max_seq_len ids of [0] + report + [0]: a long report loses its closing 0.
         token_ids = self.tokenizer.encode(study.report, max_length=self.config.max_seq_len)
@@ -239,7 +239,8 @@ class Collate:
 
 
 def pad_views(views: Sequence[torch.Tensor], view_ids: Sequence[Sequence[int]]):
-    """Per-study [V_i, 3, S, S] tensors -> images [B, V, 3, S, S], view_mask [B, V], view_ids [B, V] (padding: other)."""
+    """Per-study [V_i, 3, S, S] tensors -> images [B, V, 3, S, S], view_mask [B, V], view_ids [B, V] (padding views:
+    zeros, other)."""
     most = max(len(study) for study in views)
     size = views[0].shape[-1]
     images = torch.zeros(len(views), most, 3, size, size)

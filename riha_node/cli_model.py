@@ -61,14 +61,16 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Continue the run that wrote this checkpoint (its .train-state file must sit beside it).")
 @click.option("--init", "init", type=click.Path(dir_okay=False, path_type=Path),
               help="Fine-tune this checkpoint, keeping its configuration and vocabulary.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="R2Gen's random crop and horizontal flip of training images (the flip mirrors sided findings).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @_file_errors
-def train(data, images, preset, out, epochs, batch_size, lr, seed, resume, init, device):
+def train(data, images, preset, out, epochs, batch_size, lr, seed, resume, init, augment, device):
     """Train (or fine-tune) a RIHA model and write its best checkpoint."""
     from riha_model.api import train_model
     _log_to_stderr()
     result = train_model(data=data, images=images, preset=preset, out=out, epochs=epochs, batch_size=batch_size,
-                         lr=lr, seed=seed, resume=resume, init=init, device=device)
+                         lr=lr, seed=seed, resume=resume, init=init, augment=augment, device=device)
     click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
                f"wrote {result.checkpoint} (sha256 {result.sha256[:12]})")
 

@@ -21,15 +21,14 @@ import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from riha_model.api import train_model
+from riha_model.api import PHANTOM_TRAINING, train_model
 from riha_model.phantoms import write_phantoms
 
 DEMO_NODE_AE, DEMO_PACS_AE, DEMO_SENDER_AE = "RIHA", "DEMO-PACS", "DEMO-SCU"
 DISCLAIMER = ("Demonstration on synthetic phantom images: the model and its drafts are not clinical and say nothing "
               "about real patients.")
 
-# The recipe the learning test shows reads the phantoms' findings: about two minutes on a 2-core CPU.
-TRAIN_STUDIES, TRAIN_EPOCHS, TRAIN_IMAGE_SIZE, TRAIN_BATCH, TRAIN_LR = 240, 8, 64, 16, 1e-3
+TRAIN_STUDIES = 240  # with PHANTOM_TRAINING: the learning test's set, about three CPU-minutes
 
 
 def free_port_on_loopback() -> int:
@@ -91,12 +90,12 @@ def _trained_model(workdir: Path, seed: int) -> Path:
     if checkpoint.is_file():
         click.echo(f"Reusing the phantom model {checkpoint}")
         return checkpoint
-    click.echo(f"Training a tiny model on {TRAIN_STUDIES} phantom studies ({TRAIN_EPOCHS} epochs; a few minutes)")
-    data = write_phantoms(workdir / "train", TRAIN_STUDIES, seed=seed, image_size=TRAIN_IMAGE_SIZE)
+    epochs = PHANTOM_TRAINING["epochs"]
+    click.echo(f"Training a tiny model on {TRAIN_STUDIES} phantom studies ({epochs} epochs; a few minutes)")
+    image_size = PHANTOM_TRAINING["config_overrides"]["image_size"]
+    data = write_phantoms(workdir / "train", TRAIN_STUDIES, seed=seed, image_size=image_size)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    train_model(data, checkpoint, preset="tiny", epochs=TRAIN_EPOCHS, batch_size=TRAIN_BATCH, lr=TRAIN_LR,
-                lr_step=1000, seed=seed, device="cpu", validate_every=TRAIN_EPOCHS,
-                config_overrides={"image_size": TRAIN_IMAGE_SIZE})
+    train_model(data, checkpoint, seed=seed, device="cpu", validate_every=epochs // 4, **PHANTOM_TRAINING)
     return checkpoint
 
 

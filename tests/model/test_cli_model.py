@@ -34,11 +34,13 @@ def test_train_writes_a_checkpoint(tmp_path):
     annotation = write_phantoms(tmp_path / "phantoms", 6, seed=2, image_size=32)
     out = tmp_path / "model.riha"
     result = invoke("train", "--data", annotation, "--images", annotation.parent / "images", "--preset", "tiny",
-                    "--out", out, "--epochs", "1", "--batch-size", "4", "--seed", "4", "--device", "cpu")
+                    "--out", out, "--epochs", "1", "--batch-size", "4", "--seed", "4", "--no-augment",
+                    "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output and "validation BLEU-4" in result.output
     checkpoint = load_checkpoint(out)
     assert checkpoint.metadata["seed"] == 4 and checkpoint.metadata["recipe"]["batch_size"] == 4
+    assert checkpoint.metadata["recipe"]["augment"] is False
     assert checkpoint.config.image_size == 128  # the tiny preset as it is
 
     result = invoke("train", "--data", annotation, "--out", tmp_path / "again.riha", "--resume", out,

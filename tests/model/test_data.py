@@ -124,7 +124,7 @@ def test_examples_are_truncated_like_r2gen_and_batched_with_view_and_token_masks
              "report": long_report, "split": "train"}]
     study_set = read_studies(write_manifest(tmp_path / "m.jsonl", rows * 3), IU / "images")
     tokenizer = build_tokenizer(study_set)
-    dataset = ReportDataset(study_set.split("train"), tokenizer, CONFIG, train=False)
+    dataset = ReportDataset(study_set.split("train"), tokenizer, CONFIG)
     short, long = dataset[0], dataset[1]
     assert short.images.shape == (1, 3, 32, 32) and long.images.shape == (2, 3, 32, 32)
     assert short.token_ids == tokenizer.encode(real_entries[0]["report"])

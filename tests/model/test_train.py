@@ -78,7 +78,8 @@ def test_a_checkpoint_records_the_recipe_the_data_and_its_validation_scores(one_
     assert metadata["data_counts"] == {"train": 7, "val": 1, "test": 2}
     assert metadata["parent_sha256"] is None
     assert metadata["recipe"] == {"epochs": 1, "batch_size": 4, "lr": LR_HEAD, "lr_backbone": LR_BACKBONE,
-                                  "lr_step": RECIPES["iu_xray"].lr_step, "lr_gamma": RECIPES["iu_xray"].lr_gamma}
+                                  "lr_step": RECIPES["iu_xray"].lr_step, "lr_gamma": RECIPES["iu_xray"].lr_gamma,
+                                  "augment": True}
     validation = checkpoint.metrics["val"]
     assert {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4"} <= validation.keys()
     assert validation["BLEU_4"] == one_epoch.best_metrics["BLEU_4"]
