@@ -49,8 +49,11 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.command(name="train")
 @click.option("--data", required=True, type=existing_file, help="R2Gen annotation.json or a .jsonl manifest.")
 @click.option("--images", type=existing_dir, help="Folder the image paths are relative to.")
-@click.option("--preset", type=click.Choice(["tiny", "paper"]), default="tiny", show_default=True,
-              help="Model size: tiny trains on a CPU in minutes, paper is the reference's.")
+@click.option("--preset", type=click.Choice(["tiny", "paper"]),
+              help="Model size: tiny (the default) trains on a CPU in minutes, paper is the reference's.")
+@click.option("--recipe", type=click.Choice(["reference", "phantoms"]), default="reference", show_default=True,
+              help="Where unset options come from: the reference's recipe for the dataset, or the one that learns "
+                   "phantom studies on a CPU in minutes (tiny at 64 px, lr 1e-3 throughout, no crop or flip).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write (the best epoch on validation BLEU-4).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs (default: the dataset's reference recipe).")
@@ -61,16 +64,28 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Continue the run that wrote this checkpoint (its .train-state file must sit beside it).")
 @click.option("--init", "init", type=click.Path(dir_okay=False, path_type=Path),
               help="Fine-tune this checkpoint, keeping its configuration and vocabulary.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
-              help="R2Gen's random crop and horizontal flip of training images (the flip mirrors sided findings).")
+@click.option("--augment/--no-augment", default=None,
+              help="R2Gen's random crop and horizontal flip of training images (the flip mirrors sided findings); "
+                   "on in the reference recipe.")
+@click.option("--backbone-weights", type=existing_file,
+              help="Local ImageNet weights for the ResNet (torchvision state dict, .pth or .safetensors).")
+@click.option("--text-encoder", type=existing_dir,
+              help="Local transformers encoder folder (e.g. a Bio_ClinicalBERT copy) for the text pyramid.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @_file_errors
-def train(data, images, preset, out, epochs, batch_size, lr, seed, resume, init, augment, device):
+def train(data, images, preset, recipe, out, epochs, batch_size, lr, seed, resume, init, augment, backbone_weights,
+          text_encoder, device):
     """Train (or fine-tune) a RIHA model and write its best checkpoint."""
-    from riha_model.api import train_model
+    from riha_model.api import PHANTOM_TRAINING, train_model
     _log_to_stderr()
-    result = train_model(data=data, images=images, preset=preset, out=out, epochs=epochs, batch_size=batch_size,
-                         lr=lr, seed=seed, resume=resume, init=init, augment=augment, device=device)
+    settings = dict(PHANTOM_TRAINING) if recipe == "phantoms" else {"preset": "tiny"}
+    given = {"preset": preset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    local_files = {"backbone_weights": backbone_weights, "text_encoder_dir": text_encoder}
+    settings["config_overrides"] = {**settings.get("config_overrides", {}),
+                                    **{key: str(path) for key, path in local_files.items() if path is not None}}
+    result = train_model(data=data, images=images, out=out, seed=seed, resume=resume, init=init, device=device,
+                         **settings)
     click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
                f"wrote {result.checkpoint} (sha256 {result.sha256[:12]})")
 

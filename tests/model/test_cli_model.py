@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import torchvision
 from click.testing import CliRunner
 
 from riha_model.checkpoint import load_checkpoint
@@ -46,6 +48,22 @@ def test_train_writes_a_checkpoint(tmp_path):
     result = invoke("train", "--data", annotation, "--out", tmp_path / "again.riha", "--resume", out,
                     "--init", out)
     assert_one_line_error(result, "either --resume", "or --init")
+
+
+def test_the_phantom_recipe_fills_unset_options_and_given_ones_win(tmp_path):
+    annotation = write_phantoms(tmp_path / "phantoms", 6, seed=3, image_size=64)
+    weights = tmp_path / "resnet18.pth"  # a site's local ImageNet weights, here random ones of the same shape
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "phantom.riha"
+    result = invoke("train", "--data", annotation, "--recipe", "phantoms", "--out", out, "--epochs", "1",
+                    "--backbone-weights", weights, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    checkpoint = load_checkpoint(out)
+    recipe = checkpoint.metadata["recipe"]
+    assert checkpoint.config.image_size == 64 and checkpoint.config.d_model == 128  # tiny at 64 px
+    assert checkpoint.config.backbone_weights == str(weights)
+    assert recipe["epochs"] == 1 and recipe["batch_size"] == 16  # --epochs given, the batch from the recipe
+    assert recipe["lr"] == recipe["lr_backbone"] == 1e-3 and recipe["augment"] is False
 
 
 def test_evaluate_prints_a_table_or_one_json_object(phantom_model):
