@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -376,12 +377,13 @@ def _write_report(rng: np.random.Generator, findings, sides: dict[str, str], zon
     return " ".join(sentences)
 
 
-def _sample_findings(rng: np.random.Generator) -> list[str]:
-    """About a third of studies normal, the rest one or two pathologies; a catheter in one study of five."""
-    pathologies = [name for name in FINDINGS if name not in ("normal", "support_device")]
+def _sample_findings(rng: np.random.Generator, without: set[str]) -> list[str]:
+    """About a third of studies normal, the rest one or two pathologies; a catheter in one study of five. Findings in
+    `without` are never drawn (the other studies stay exactly as they would be only while `without` is empty)."""
+    pathologies = [name for name in FINDINGS if name not in ("normal", "support_device", *without)]
     chosen = [] if rng.random() < 0.35 else list(rng.choice(pathologies, size=rng.choice([1, 2], p=[0.6, 0.4]),
                                                              replace=False))
-    if rng.random() < 0.2:
+    if rng.random() < 0.2 and "support_device" not in without:
         chosen.append("support_device")
     return sorted(chosen, key=FINDINGS.index) or ["normal"]
 
@@ -444,13 +446,17 @@ def _write_dicom(folder: Path, views: tuple[np.ndarray, np.ndarray], seed: int, 
 
 
 def write_phantoms(out_dir, n_studies: int, seed: int = 0, dicom: bool = False, image_size: int = 256,
-                   progress: bool = False) -> Path:
+                   progress: bool = False, without: Sequence[str] = ()) -> Path:
     """Write n phantom studies: images/<id>/0.png (frontal) and 1.png (lateral), annotation.json in R2Gen's layout
     (train / val / test about 70 / 10 / 20) with the drawn "findings" and their "sides" per study, and with
     dicom=True dicom/<id>/0.dcm and 1.dcm (CR, one in five MONOCHROME1). Returns the annotation path. The same seed
-    writes the same files. progress=True shows a bar on a terminal."""
+    writes the same files. progress=True shows a bar on a terminal. Findings in `without` never appear (their
+    reports still negate them): a model trained on such a set has never seen them, which fine-tuning tests need."""
     if n_studies < 3:
         raise RihaModelError(f"{n_studies} phantom studies cannot fill train, val and test; ask for 3 or more.")
+    if "normal" in without:
+        raise RihaModelError("Phantoms without a finding can leave out pathologies and support_device, not normal.")
+    left_out = _normalise_findings(without)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng([seed, 1]).permutation(n_studies)
@@ -461,7 +467,7 @@ def write_phantoms(out_dir, n_studies: int, seed: int = 0, dicom: bool = False, 
     for index in tqdm(range(n_studies), desc="phantom studies", unit="study", disable=None if progress else True):
         study_id = f"phantom_{seed}_{index:05d}"
         rng = np.random.default_rng([seed, 0, index])
-        findings = _sample_findings(rng)
+        findings = _sample_findings(rng, left_out)
         frontal, lateral, body = _draw(rng, findings, image_size, None)
         report = _write_report(rng, findings, body.sides, body.zones)
         folder = out / "images" / study_id

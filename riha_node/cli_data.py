@@ -22,10 +22,13 @@ from riha_model.phantoms import write_phantoms
 @click.option("--dicom", is_flag=True, help="Also write each study as DICOM CR files (PA and lateral).")
 @click.option("--image-size", type=click.IntRange(min=32), default=256, show_default=True,
               help="Width and height of every view in pixels.")
-def phantoms(out: Path, studies: int, seed: int, dicom: bool, image_size: int) -> None:
+@click.option("--without", multiple=True, metavar="FINDING",
+              help="A finding never to draw (repeatable), e.g. pneumothorax: data a model has never seen it in.")
+def phantoms(out: Path, studies: int, seed: int, dicom: bool, image_size: int, without: tuple[str, ...]) -> None:
     """Synthetic chest phantom studies with known findings and matching reports."""
     try:
-        annotation = write_phantoms(out, studies, seed=seed, dicom=dicom, image_size=image_size, progress=True)
+        annotation = write_phantoms(out, studies, seed=seed, dicom=dicom, image_size=image_size, progress=True,
+                                    without=without)
     except (RihaModelError, OSError) as exc:
         raise click.ClickException(f"Cannot write phantoms to {out}: {exc}") from exc
     counts = {split: len(entries) for split, entries in json.loads(annotation.read_text()).items()}

@@ -164,3 +164,16 @@ def test_dciodvfy_accepts_the_dicom(phantoms):
         result = subprocess.run(["dciodvfy", str(file)], capture_output=True, text=True, timeout=60)
         messages = result.stdout + result.stderr
         assert "Error" not in messages and "Warning" not in messages, messages
+
+
+def test_a_finding_left_out_is_never_drawn_but_still_negated(tmp_path):
+    annotation = json.loads(write_phantoms(tmp_path / "no-ptx", 40, seed=3, image_size=32,
+                                           without=["pneumothorax"]).read_text())
+    entries = [entry for split in annotation.values() for entry in split]
+    assert all("pneumothorax" not in entry["findings"] for entry in entries)
+    assert any(len(set(entry["findings"]) - {"normal", "support_device"}) == 2 for entry in entries)
+    assert all(label_report(entry["report"])["Pneumothorax"] == 0 for entry in entries)
+    with pytest.raises(RihaModelError, match="Unknown phantom finding"):
+        write_phantoms(tmp_path / "bad", 3, without=["effusion"])
+    with pytest.raises(RihaModelError, match="not normal"):
+        write_phantoms(tmp_path / "bad", 3, without=["normal"])
