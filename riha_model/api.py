@@ -16,8 +16,10 @@ from riha_model.errors import RihaModelError
 from riha_model.images import OTHER_VIEW, to_model_input
 from riha_model.text import Tokenizer, split_sentences
 from riha_model.train import PHANTOM_TRAINING, TrainResult, autocast, evaluate_model, resolve_device, train_model
+from riha_model.train import state_path as training_state_path
 
-__all__ = ["PHANTOM_TRAINING", "ReportModel", "TrainResult", "evaluate_model", "readable_report", "train_model"]
+__all__ = ["PHANTOM_TRAINING", "ReportModel", "TrainResult", "evaluate_model", "readable_report", "train_model",
+           "training_state_path"]
 
 
 class ReportModel:

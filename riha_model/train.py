@@ -76,7 +76,8 @@ PHANTOM_TRAINING = {"preset": "tiny", "epochs": 24, "batch_size": 16, "lr": 1e-3
 
 @dataclass
 class TrainResult:
-    """Where the best model went, how good it was on validation, and the per-epoch history."""
+    """Where the kept model went (the best epoch, or the last with keep="last"), how good it was on validation, and
+    the per-epoch history."""
 
     checkpoint: Path
     sha256: str
@@ -206,7 +207,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, images: str | o
                 lr_gamma: float | None = None, seed: int = 0, resume: str | os.PathLike | None = None,
                 init: str | os.PathLike | None = None, device: str = "auto", config_overrides: dict | None = None,
                 validate_every: int = 1, val_split: str = "val", num_workers: int | None = None,
-                dataset: str | None = None, augment: bool = True) -> TrainResult:
+                dataset: str | None = None, augment: bool = True, keep: str = "best") -> TrainResult:
     """Train a RIHA model on a dataset and write the best (validation BLEU-4) model to `out`.
 
     - Fresh: the `preset` configuration (plus `config_overrides`), a vocabulary built from the training split.
@@ -216,8 +217,12 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, images: str | o
     Unset epochs / batch size / learning rates / StepLR come from the dataset's reference recipe; a given `lr`
     without `lr_backbone` keeps the recipe's ratio (the ResNet at half the rate). `augment=False` turns off R2Gen's
     random crop and horizontal flip (the flip puts a left-sided finding on the right while its report still says
-    left).
+    left). `keep="best"` writes the epoch with the best validation BLEU-4 (the reference's selection); `keep="last"`
+    the last validated epoch, for a caller that judges the model on other grounds than BLEU (site fine-tuning: the
+    BLEU-best epoch may name no finding, and its validation studies are the ones the caller's gate judges on).
     """
+    if keep not in ("best", "last"):
+        raise RihaModelError(f"keep={keep!r}: use 'best' (validation BLEU-4) or 'last'.")
     if resume is not None and init is not None:
         raise RihaModelError("Pass either --resume (continue a run) or --init (fine-tune a model), not both.")
     if validate_every < 1:
@@ -243,7 +248,7 @@ def train_model(data: str | os.PathLike, out: str | os.PathLike, images: str | o
     lr = lr or LR_HEAD
     settings = dict(epochs=epochs or recipe.epochs, batch_size=batch_size or recipe.batch_size, lr=lr,
                     lr_backbone=lr_backbone or lr * (LR_BACKBONE / LR_HEAD), lr_step=lr_step or recipe.lr_step,
-                    lr_gamma=lr_gamma or recipe.lr_gamma, augment=augment)
+                    lr_gamma=lr_gamma or recipe.lr_gamma, augment=augment, keep=keep)
     if state is not None:  # a resumed run keeps its seed and schedule; only the number of epochs may grow
         settings = {**state["settings"], "epochs": epochs or state["settings"]["epochs"]}
         seed = state["seed"]
@@ -379,7 +384,8 @@ class _Run:
         references, hypotheses = generate_texts(self.model, self.tokenizer, val_dataset, self.settings["batch_size"],
                                                 self.device, self.processes, desc="validate")
         metrics = validation_scores(references, hypotheses) if self.processes.is_main else {}
-        if self.processes.is_main and metrics[SELECTION_METRIC] > self.best_score:
+        if self.processes.is_main and (self.settings.get("keep") == "last" or
+                                       metrics[SELECTION_METRIC] > self.best_score):
             self.best_score, self.best_epoch, self.best_metrics = metrics[SELECTION_METRIC], epoch, metrics
             self.sha256 = save_checkpoint(self.out, self.model, self.config, self.tokenizer.to_dict(),
                                           metadata={**self.metadata, "epochs": epoch}, metrics={"val": metrics})

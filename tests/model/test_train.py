@@ -79,7 +79,7 @@ def test_a_checkpoint_records_the_recipe_the_data_and_its_validation_scores(one_
     assert metadata["parent_sha256"] is None
     assert metadata["recipe"] == {"epochs": 1, "batch_size": 4, "lr": LR_HEAD, "lr_backbone": LR_BACKBONE,
                                   "lr_step": RECIPES["iu_xray"].lr_step, "lr_gamma": RECIPES["iu_xray"].lr_gamma,
-                                  "augment": True}
+                                  "augment": True, "keep": "best"}
     validation = checkpoint.metrics["val"]
     assert {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4"} <= validation.keys()
     assert validation["BLEU_4"] == one_epoch.best_metrics["BLEU_4"]
@@ -99,7 +99,17 @@ def test_fine_tuning_keeps_the_parent_vocabulary_and_names_the_parent(one_epoch,
     assert not torch.equal(loaded.model.logit.weight, parent.model.logit.weight)
 
 
+def test_keep_last_writes_the_last_validated_epoch_whatever_its_score(few_phantoms, tmp_path):
+    result = run(few_phantoms, tmp_path / "last.riha", epochs=3, keep="last")
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert result.best_epoch == 3 and checkpoint.metadata["epochs"] == 3
+    assert checkpoint.metrics["val"]["BLEU_4"] == result.history[-1]["val_BLEU_4"]
+    assert_same_weights(latest_weights(result.checkpoint), checkpoint.model.state_dict())
+
+
 def test_training_option_errors_are_clear(few_phantoms, tmp_path):
+    with pytest.raises(RihaModelError, match="keep='newest'"):
+        run(few_phantoms, tmp_path / "a.riha", keep="newest")
     with pytest.raises(RihaModelError, match="either --resume .* or --init"):
         run(few_phantoms, tmp_path / "a.riha", resume=tmp_path / "r.riha", init=tmp_path / "i.riha")
     with pytest.raises(RihaModelError, match=r"Checkpoint .*missing\.riha does not exist"):
