@@ -15,14 +15,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from riha_model.errors import RihaModelError
-from riha_node import cli_data, cli_model
-from riha_node.config import Config, ConfigError, DestinationConfig, load_config
+from riha_node import cli_data, cli_model, cli_registry, cli_reports
+from riha_node.cli_common import config_option, load_configured, open_existing_database
+from riha_node.config import Config, DestinationConfig
 from riha_node.db import Database
 from riha_node.errors import UserError
 from riha_node.log import configure_logging
 from riha_node.reporting import list_studies, node_status
 from riha_node.states import StudyState
-from riha_node.storage import InstanceStore
+from riha_node.storage import InstanceStore, owner_only_files
 from riha_node.tls import client_context
 
 EXIT_USER_ERROR = 2
@@ -39,16 +40,6 @@ class RihaGroup(click.Group):
             ctx.exit(EXIT_USER_ERROR)
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-                             default=None, help="Configuration file (default: ./riha-node.toml or $RIHA_NODE_CONFIG).")
-
-
-def _load(config_path: Path | None) -> Config:
-    config = load_config(config_path)
-    configure_logging(config.logging.level, config.logging.format)
-    return config
-
-
 @click.group(cls=RihaGroup)
 @click.version_option(package_name="riha-node")
 def main() -> None:
@@ -61,7 +52,8 @@ def serve(config_path: Path | None) -> None:
     """Run the DICOM listener and the study scheduler until SIGTERM or Ctrl-C."""
     from riha_node.serve import serve as run_node
 
-    run_node(_load(config_path))
+    owner_only_files()
+    run_node(load_configured(config_path))
 
 
 @main.command()
@@ -70,7 +62,8 @@ def worker(config_path: Path | None) -> None:
     """Run one extra worker (same database and storage) until SIGTERM or Ctrl-C."""
     from riha_node.worker import run_worker
 
-    run_worker(_load(config_path))
+    owner_only_files()
+    run_worker(load_configured(config_path))
 
 
 @main.command()
@@ -80,8 +73,8 @@ def retry(config_path: Path | None, study_uid: str) -> None:
     """Queue a failed study again, or send an export_failed study's draft again."""
     from riha_node.interventions import retry_study
 
-    config = _load(config_path)
-    with _open_database(config).session() as session:
+    config = load_configured(config_path)
+    with open_existing_database(config).session() as session:
         click.echo(retry_study(session, study_uid))
 
 
@@ -92,8 +85,8 @@ def discard(config_path: Path | None, study_uid: str) -> None:
     """Take a study out of the node's work: mark it ignored, cancel its job, send no undelivered draft."""
     from riha_node.interventions import discard_study
 
-    config = _load(config_path)
-    with _open_database(config).session() as session:
+    config = load_configured(config_path)
+    with open_existing_database(config).session() as session:
         click.echo(discard_study(session, study_uid))
 
 
@@ -101,10 +94,13 @@ def discard(config_path: Path | None, study_uid: str) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
 def status(config_path: Path | None, as_json: bool) -> None:
-    """Studies by state, instances, queue depth, model and disk."""
-    config = _load(config_path)
-    with _open_database(config).read() as session:
+    """Studies by state, queue, stage times, exports, workers, model, disk, and the running node's traffic."""
+    from riha_node.health import live_traffic
+
+    config = load_configured(config_path)
+    with open_existing_database(config).read() as session:
         summary = node_status(session, config, InstanceStore(config.node.storage_dir))
+    summary["traffic"] = live_traffic(config)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -113,10 +109,30 @@ def status(config_path: Path | None, as_json: bool) -> None:
     click.echo(f"studies   {by_state or 'none'}")
     click.echo(f"instances {summary['instances']} ({summary['stored_bytes'] / 1e6:.1f} MB)")
     click.echo("queue     " + ", ".join(f"{state} {count}" for state, count in summary["queue"].items()))
-    click.echo(f"model     {summary['model']['checkpoint'] or 'none configured'}")
+    for stage, times in summary["stages"].items():
+        mean = f"mean {times['sum_s'] / times['count']:.1f} s" if times["count"] else "none yet"
+        click.echo(f"stage     {stage.replace('_', ' ')}: {times['count']} studies, {mean}")
+    exports = summary["exports"]
+    click.echo("exports   " + (", ".join(f"{state} {count}" for state, count in exports["by_state"].items())
+                               or "none") + f"; {exports['attempts']} attempts, {exports['failed_attempts']} failed")
+    workers = summary["workers"]
+    holding = ", ".join(f"{lease['worker']} ({lease['jobs']} jobs)" for lease in workers["holding_leases"])
+    click.echo(f"workers   {len(workers['holding_leases'])} holding leases{': ' + holding if holding else ''}; "
+               f"{workers['stale_leases']} stale leases")
+    model = summary["model"]
+    click.echo(f"model     {model['checkpoint'] or 'none configured'}; active version "
+               f"{model['active_version'] or '-'}; last draft by {model['last_report_version'] or '-'}")
     disk = summary["disk"]
     click.echo(f"disk      {disk['used_percent']:.0f}% used "
                f"(watermark {disk['watermark_percent']:g}%)")
+    traffic = summary["traffic"]
+    if traffic is None:
+        click.echo("traffic   node not running, or [metrics] port is 0")
+    else:
+        rejected = sum(traffic["associations_rejected"].values())
+        click.echo(f"traffic   {sum(traffic['instances_received'].values())} C-STOREs "
+                   f"({traffic['received_bytes'] / 1e6:.1f} MB), associations {traffic['associations_accepted']} "
+                   f"accepted, {rejected} rejected (since the node started)")
 
 
 @main.command()
@@ -125,8 +141,8 @@ def status(config_path: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="A JSON list instead of a table.")
 def studies(config_path: Path | None, state: str | None, as_json: bool) -> None:
     """List studies with their state and the reason for it."""
-    config = _load(config_path)
-    with _open_database(config).read() as session:
+    config = load_configured(config_path)
+    with open_existing_database(config).read() as session:
         rows = list_studies(session, StudyState(state) if state else None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -147,7 +163,7 @@ PEER_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5}
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the peer.")
 def echo(config_path: Path | None, peer: str, timeout: float) -> None:
     """C-ECHO PEER: an AE title from [pacs], or AE@HOST:PORT."""
-    config = _load(config_path)
+    config = load_configured(config_path)
     destination = _destination(config, peer)
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -201,21 +217,43 @@ def db() -> None:
 @config_option
 def upgrade(config_path: Path | None) -> None:
     """Apply every pending schema migration (serve also does this at start)."""
-    config = _load(config_path)
+    config = load_configured(config_path)
     database = Database(config.database_url)
     database.upgrade()
     click.echo(f"database at {database.safe_url} is up to date")
 
 
-def _open_database(config: Config) -> Database:
-    if config.database_url.startswith("sqlite:///"):
-        path = Path(config.database_url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise ConfigError(f"No database at {path}: start `riha-node serve` or run `riha-node db upgrade` first.")
-    return Database(config.database_url)
+@db.command("migrate-to")
+@config_option
+@click.argument("url")
+def migrate_to(config_path: Path | None, url: str) -> None:
+    """Move this node's SQLite database to the empty PostgreSQL database URL (node and workers stopped)."""
+    from riha_node.db_tools import migrate_to as copy_database
+
+    config = load_configured(config_path)
+    copied = copy_database(config.database_url, url)
+    for table, rows in copied.rows_by_table.items():
+        click.echo(f"{table:<20} {rows:>8} rows copied, counts match")
+    where = config.source or "riha-node.toml"
+    click.echo(f"\nNow set in {where}, under [node]:\n    database_url = \"{copied.target_url}\"\n"
+               "(with the password of the URL you gave; or export RIHA_NODE_NODE_DATABASE_URL), keep storage_dir as it "
+               "is, and start riha-node serve. The SQLite file was left as it was.")
 
 
-for command in (*cli_model.COMMANDS, *cli_data.COMMANDS):
+@db.command()
+@config_option
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def backup(config_path: Path | None, path: Path) -> None:
+    """Consistent online backup of the SQLite database to PATH (safe while serve runs)."""
+    from riha_node.db_tools import backup as back_up
+
+    config = load_configured(config_path)
+    made = back_up(config.database_url, path)
+    click.echo(f"backup of {made.studies} studies written to {made.path} ({made.size_bytes / 1e6:.1f} MB); "
+               "to restore, stop the node and copy it over the database file")
+
+
+for command in (*cli_model.COMMANDS, *cli_data.COMMANDS, *cli_reports.COMMANDS, *cli_registry.COMMANDS):
     main.add_command(command)
 
 

@@ -111,6 +111,7 @@ class StudyConfig(Section):
     accepted_modalities: list[str] = ["CR", "DX"]
     accepted_body_parts: list[str] = ["CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTABDOMEN", "CHEST_PA"]
     disk_watermark_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
+    retention_days: Annotated[float, Field(ge=0)] = 0.0  # received images of delivered studies kept; 0: forever
 
     @field_validator("accepted_modalities", "accepted_body_parts")
     @classmethod
@@ -151,9 +152,43 @@ class SrConfig(Section):
     series_number: Annotated[int, Field(ge=1)] = 9901
 
 
+class RetrainConfig(Section):
+    """`riha-node retrain` and its schedule: what to fine-tune on, and the gate a candidate must pass."""
+
+    schedule: str = ""  # crontab "minute hour day month day-of-week" (UTC); empty: only by hand
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 10
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 16
+    augment: bool = False  # R2Gen's random crop and flip; the flip mirrors a sided finding its report still names
+    min_studies: Annotated[int, Field(ge=2)] = 50
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    metric: Literal["micro_f1", "macro_f1", "BLEU_4"] = "micro_f1"
+    margin: Annotated[float, Field(ge=0, le=1)] = 0.0
+    lock_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # a retrain that stops heartbeating loses its lock after this
+
+    @field_validator("schedule")
+    @classmethod
+    def _crontab(cls, value: str) -> str:
+        if value.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value.strip(), timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(f"not a crontab schedule ({exc}); e.g. \"0 2 * * sun\" for Sundays 02:00 UTC")
+        return value.strip()
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+
+
+class MetricsConfig(Section):
+    """The Prometheus endpoint (/metrics, /healthz, /readyz) that `serve` runs; loopback unless told otherwise."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: no endpoint
 
 
 class Config(Section):
@@ -165,7 +200,9 @@ class Config(Section):
     worker: WorkerConfig = WorkerConfig()
     model: ModelConfig = ModelConfig()
     sr: SrConfig = SrConfig()
+    retrain: RetrainConfig = RetrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("pacs", mode="before")

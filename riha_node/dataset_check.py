@@ -35,7 +35,7 @@ def read_received(data: bytes, transfer_syntax: str) -> Dataset:
     try:
         return read_dataset(BytesIO(data), implicit, little, defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types on hostile input; each is the same answer to the peer
-        raise DamagedDataSet(f"data set cannot be parsed ({type(exc).__name__}: {exc})") from None
+        raise DamagedDataSet(f"data set cannot be parsed ({type(exc).__name__})") from None  # its text may hold PHI
 
 
 def _check_complete(data: bytes, implicit: bool, little: bool) -> None:
@@ -53,7 +53,7 @@ def _check_complete(data: bytes, implicit: bool, little: bool) -> None:
     except DamagedDataSet:
         raise
     except Exception as exc:
-        raise DamagedDataSet(f"data set cannot be parsed ({type(exc).__name__}: {exc})") from None
+        raise DamagedDataSet(f"data set cannot be parsed ({type(exc).__name__})") from None  # its text may hold PHI
     if end_of_last != len(data):
         raise DamagedDataSet(f"data set does not end on an element boundary ({len(data)} bytes, the last element "
                              f"ends at {end_of_last})")

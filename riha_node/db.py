@@ -13,13 +13,16 @@ from typing import Iterator
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from riha_node.errors import UserError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATION_LOCK_KEY = 0x52494842  # a PostgreSQL advisory lock of its own (the leader's is riha_node.leader's)
 
 
 class DatabaseError(UserError):
@@ -76,11 +79,27 @@ class Database:
         """Bring the schema to the newest Alembic revision (idempotent)."""
         try:
             with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":  # serve and workers starting together migrate in turn
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
                 cfg = alembic_config()
                 cfg.attributes["connection"] = connection
                 command.upgrade(cfg, "head")
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"Cannot upgrade the database at {self.safe_url}: {exc.orig or exc}.") from None
+            reason = " ".join(str(exc.orig or exc).split())  # libpq's messages span lines: keep one
+            raise DatabaseError(f"Cannot upgrade the database at {self.safe_url}: {reason}") from None
+
+    def require_current(self) -> None:
+        """Commands that only read or edit rows need the newest schema: say how to get it instead of failing on a
+        missing table or column."""
+        try:
+            with self.engine.connect() as connection:
+                current = set(MigrationContext.configure(connection).get_current_heads())
+        except SQLAlchemyError as exc:
+            reason = " ".join(str(exc.orig or exc).split())
+            raise DatabaseError(f"Cannot open the database at {self.safe_url}: {reason}") from None
+        if current != set(ScriptDirectory.from_config(alembic_config()).get_heads()):
+            raise DatabaseError(f"The database at {self.safe_url} has an older schema than this riha-node; run "
+                                "`riha-node db upgrade` (or restart `riha-node serve`, which upgrades it).")
 
     @property
     def safe_url(self) -> str:

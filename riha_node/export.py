@@ -122,10 +122,11 @@ def _is_latest(session, report: Report) -> bool:
 
 
 def _revive_failed(db: Database) -> None:
-    """Failed exports whose waiting time is over go back to pending, their study back to `reported`."""
+    """Failed exports whose waiting time is over go back to pending, their study back to `reported` (rows another
+    process is reviving are skipped, so a study's transition is recorded once)."""
     with db.session() as session:
-        for export in session.scalars(select(Export).where(Export.state == FAILED,
-                                                           Export.next_attempt_at <= utcnow())):
+        due = select(Export).where(Export.state == FAILED, Export.next_attempt_at <= utcnow())
+        for export in session.scalars(due.with_for_update(skip_locked=True)):
             retry_export(session, export)
 
 

@@ -7,6 +7,7 @@ association machinery (contexts, TLS, server life cycle) lives in riha_node.scp.
 from __future__ import annotations
 
 import socket
+import ssl
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from riha_node.config import PeerConfig, StudyConfig
 from riha_node.dataset_check import DamagedDataSet, read_received
 from riha_node.db import Database
+from riha_node.ground_truth import SignedText, signed_report_in
 from riha_node.ingest import InvalidInstance, ReceivedInstance, already_stored, ignored_reason, record_instance
 from riha_node.log import get_logger
 from riha_node.statuses import EchoStatus, StoreStatus
@@ -28,6 +30,7 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+REJECT_TRANSIENT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient: the peer retries later
 
 
 def peer_ae(event: Event) -> str:
@@ -48,23 +51,48 @@ def _same_host(configured: str, address: str) -> bool:
         return False
 
 
-def handle_association_request(event: Event, peers: list[PeerConfig]) -> None:
-    """Reject unknown calling AE titles (or known ones from the wrong host) before any negotiation."""
+def handle_association_request(event: Event, peers: list[PeerConfig], store: InstanceStore,
+                               watermark_percent: float) -> None:
+    """Reject unknown calling AE titles (or known ones from the wrong host) before any negotiation, and pause new
+    associations while the disk is over the watermark (a transient rejection: PACS keeps the study and retries)."""
     request = event.assoc.requestor.primitive
     calling_ae = request.calling_ae_title.strip()
     address = event.assoc.requestor.address
     if not peer_allowed(peers, calling_ae, address):
-        log.warning("association rejected", peer_ae=calling_ae, peer_address=address,
-                    reason="calling AE title not allowed from this host")
-        event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNISED)
-        event.assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ first
+        _reject(event, REJECT_CALLING_AE_NOT_RECOGNISED, calling_ae, address,
+                "calling AE title not allowed from this host")
+    elif store.over_watermark(watermark_percent):
+        _reject(event, REJECT_TRANSIENT_LOCAL_LIMIT, calling_ae, address, "disk over the watermark")
+
+
+def _reject(event: Event, answer: tuple[int, int, int], calling_ae: str, address: str, reason: str) -> None:
+    log.warning("association rejected", peer_ae=calling_ae, peer_address=address, reason=reason)
+    event.assoc.acse.send_reject(*answer)
+    event.assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ first
 
 
 def handle_connection_open(event: Event) -> None:
-    """Nagle's algorithm stalls each small DIMSE response by tens of milliseconds; turn it off."""
+    """Turn off Nagle's algorithm (it stalls each small DIMSE response by tens of milliseconds), finish the TLS
+    handshake within the ACSE timeout, and bound every later read by the network timeout.
+
+    Runs in the connection's own thread. pynetdicom reads a PDU with blocking recv calls once its first bytes
+    arrived, so without a socket timeout a peer that stops mid-PDU would hold its thread and association slot
+    forever; with one the read fails and the association is aborted.
+    """
     sock = event.assoc.dul.socket.socket
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if isinstance(sock, ssl.SSLSocket):  # riha_node.tls defers the handshake to here
+        sock.settimeout(event.assoc.acse_timeout)
+        try:
+            sock.do_handshake()
+        except OSError as exc:  # ssl.SSLError included: untrusted or missing certificate, not TLS, silence
+            log.warning("TLS handshake refused", peer_address=event.assoc.requestor.address,
+                        reason=getattr(exc, "reason", None) or type(exc).__name__)
+            event.assoc.dul.socket.close()  # the association ends when its ACSE timer runs out
+            return
+    sock.settimeout(event.assoc.network_timeout)
 
 
 def handle_echo(event: Event) -> int:
@@ -101,6 +129,10 @@ class StoreHandler:
         except InvalidInstance as exc:
             log.warning("instance refused", peer_ae=calling_ae, reason=str(exc))
             return _status(StoreStatus.INVALID_UID, str(exc))
+        except Exception as exc:  # a header value the node reads does not decode in its VR (pydicom converts lazily)
+            log.warning("instance refused", peer_ae=calling_ae, size_bytes=len(stream),
+                        reason=f"a header value cannot be decoded ({type(exc).__name__})")  # the text may hold PHI
+            return _status(StoreStatus.CANNOT_UNDERSTAND, "Data set cannot be parsed")
         if instance.sop_class_uid != request.AffectedSOPClassUID:
             log.warning("instance refused", peer_ae=calling_ae, sop_instance_uid=instance.sop_instance_uid,
                         reason="SOP Class UID differs from the request")
@@ -131,9 +163,10 @@ class StoreHandler:
             log.error("instance not written", **ids, error=exc.strerror or type(exc).__name__)
             return _status(StoreStatus.OUT_OF_RESOURCES, "Cannot write to storage, retry later")
         reason = ignored_reason(instance, self.rules)
+        signed = signed_report_in(self.store.path(rel_path), instance.sop_class_uid)
         digest = sha256_of([stream])
         try:
-            study_id, study_state = self._record(instance, reason, rel_path, size, digest, calling_ae)
+            study_id, study_state = self._record(instance, reason, rel_path, size, digest, calling_ae, signed)
         except IntegrityError:
             log.info("instance already stored", **ids, note="a concurrent association stored it first")
             return StoreStatus.SUCCESS
@@ -141,19 +174,24 @@ class StoreHandler:
             self.store.remove(rel_path)
             log.error("database unavailable", **ids, error=type(exc.orig).__name__)
             return _status(StoreStatus.OUT_OF_RESOURCES, "Database unavailable, retry later")
+        if study_id is None:
+            log.info("signed report for a study not held", **ids, note="matched by accession number, else kept "
+                     "aside until the study arrives (riha-node quality counts those)")
+            return StoreStatus.SUCCESS
         log.info("instance stored", **ids, study_id=study_id, study_state=study_state, size_bytes=size,
-                 transfer_syntax=instance.transfer_syntax_uid, ignored_reason=reason)
+                 transfer_syntax=instance.transfer_syntax_uid, ignored_reason=reason, signed_report=signed is not None)
         return StoreStatus.SUCCESS
 
     def _record(self, instance: ReceivedInstance, reason: str | None, rel_path: str, size: int, digest: str,
-                calling_ae: str) -> tuple[int, str]:
+                calling_ae: str, signed: SignedText | None) -> tuple[int | None, str | None]:
         """Commit the row; a unique-key race on a new study (PostgreSQL) is retried once, on the instance is final."""
         for attempt in (1, 2):
             try:
                 with self.db.session() as session:
                     study = record_instance(session, instance, reason=reason, rel_path=rel_path, size_bytes=size,
-                                            dataset_sha256=digest, calling_ae=calling_ae, secret=self.secret)
-                    return study.id, study.state
+                                            dataset_sha256=digest, calling_ae=calling_ae, secret=self.secret,
+                                            signed=signed)
+                    return (study.id, study.state) if study else (None, None)
             except IntegrityError:
                 with self.db.read() as session:
                     if attempt == 2 or already_stored(session, instance.sop_instance_uid):

@@ -14,6 +14,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from riha_node.config import StudyConfig
+from riha_node.ground_truth import (SOURCE_SR, SignedText, add_signed_report, already_recorded, claim_kept_aside,
+                                    matching_studies)
 from riha_node.models import Instance, Job, Study, utcnow
 from riha_node.states import REOPENABLE, JobState, StudyState, move
 from riha_node.storage import valid_uid
@@ -105,16 +107,32 @@ def already_stored(session: Session, sop_instance_uid: str) -> bool:
 
 
 def record_instance(session: Session, instance: ReceivedInstance, *, reason: str | None, rel_path: str,
-                    size_bytes: int, dataset_sha256: str, calling_ae: str, secret: bytes) -> Study:
-    """Add the instance row and move its study: new, still receiving, re-opened, or ignored."""
+                    size_bytes: int, dataset_sha256: str, calling_ae: str, secret: bytes,
+                    signed: SignedText | None = None) -> Study | None:
+    """Add the instance row and move its study: new, still receiving, re-opened, or ignored.
+
+    A signed report (`signed`, from a verified SR) becomes ground truth. When no study has its StudyInstanceUID it
+    goes to the one study with its accession number, else it is kept aside; either way no study row is created
+    (that would be an ignored study) and None is returned.
+    """
     now = utcnow()
     study = session.scalar(select(Study).where(Study.study_uid == instance.study_uid))
+    if signed is not None:
+        if study is None and already_recorded(session, instance.sop_instance_uid):
+            return None
+        matches = matching_studies(session, instance.study_uid, instance.accession_number)
+        add_signed_report(session, signed, study=matches[0] if len(matches) == 1 else None,
+                          study_uid=instance.study_uid, accession_number=instance.accession_number,
+                          source=SOURCE_SR, source_ref=instance.sop_instance_uid)
+        if study is None:
+            return None
     if study is None:
         study = Study(study_uid=instance.study_uid, state=None, priority=instance.priority,
                       patient_key=patient_key(instance.patient_id, secret),
                       accession_number=instance.accession_number, calling_ae=calling_ae,
                       first_received_at=now, last_received_at=now, state_changed_at=now)
         move(session, study, StudyState.RECEIVING if reason is None else StudyState.IGNORED, reason)
+        claim_kept_aside(session, study)
     else:
         study.last_received_at = now
         study.priority = min(study.priority, instance.priority)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator,
+                        UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -74,6 +75,7 @@ class Instance(Base):
     dataset_sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # received file deleted by retention
 
     study: Mapped[Study] = relationship(back_populates="instances")
 
@@ -151,3 +153,78 @@ class Export(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     report: Mapped[Report] = relationship(back_populates="exports")
+
+
+class SignedReport(Base):
+    """A report a radiologist signed: the study's ground truth (the newest one wins) for training and quality.
+
+    `study_id` is NULL while no study the node holds matches (kept aside); it is filled in when the study arrives.
+    `source_ref` is the SR's SOP Instance UID or "FILE:LINE" of an import, so the same report is never stored twice.
+    """
+
+    __tablename__ = "signed_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    findings: Mapped[str | None] = mapped_column(Text)
+    impression: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)  # findings, else impression, whitespace collapsed
+    source: Mapped[str] = mapped_column(String(16))  # "sr" or "import"
+    source_ref: Mapped[str] = mapped_column(String(255), unique=True)
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ReportQuality(Base):
+    """How far a signed report moved from the draft the radiologist saw; one row per (draft, signed report) pair."""
+
+    __tablename__ = "report_quality"
+    __table_args__ = (UniqueConstraint("report_id", "signed_report_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    signed_report_id: Mapped[int] = mapped_column(ForeignKey("signed_reports.id"), index=True)
+    bleu_4: Mapped[float] = mapped_column(Float)
+    rouge_l: Mapped[float] = mapped_column(Float)
+    chexpert: Mapped[str] = mapped_column(Text)  # JSON: {observation: {"signed": label, "draft": label}}
+    model_version: Mapped[str] = mapped_column(String(64))
+    computed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ModelVersion(Base):
+    """A checkpoint the node knows: copied into storage_dir/models/, with where it came from and how it scored.
+
+    `state`: active (the workers' model; exactly one, enforced by a partial unique index), candidate (trained, not yet
+    judged), refused (failed the evaluation gate), retired (was active). `data_counts` and `metrics` are JSON.
+    """
+
+    __tablename__ = "model_versions"
+    __table_args__ = (Index("uq_model_versions_one_active", "state", unique=True,
+                            sqlite_where=text("state = 'active'"), postgresql_where=text("state = 'active'")),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(String(300))  # relative to storage_dir
+    parent_sha256: Mapped[str | None] = mapped_column(String(64))
+    data_counts: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    promoted_by: Mapped[str | None] = mapped_column(String(16))  # operator, retrain or config
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TaskLock(Base):
+    """A named lock that survives a crash: held by `owner` (host:pid) until `expires_at`, renewed by a heartbeat."""
+
+    __tablename__ = "task_locks"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -49,20 +49,33 @@ def prepare_study(store: InstanceStore, instances: list[Instance]) -> StudyInput
         try:
             header = pydicom.dcmread(store.path(instance.rel_path), stop_before_pixels=True)
             candidates.append((instance, header, view_id_of(header)))
-        except Exception as exc:  # a file damaged on disk: note it and try the others
-            problems.append(f"{instance.sop_instance_uid}: cannot be read ({type(exc).__name__})")
+        except BaseException as exc:  # a file damaged on disk: note it and try the others
+            problems.append(f"{instance.sop_instance_uid}: cannot be read ({_unreadable(exc)})")
     images, view_ids = [], []
     for instance, _, view in _choose_views(candidates):
         try:
             images.append(dicom_to_array(pydicom.dcmread(store.path(instance.rel_path)),
                                          source=f"instance {instance.sop_instance_uid}"))
             view_ids.append(view)
-        except (RihaModelError, OSError, ValueError) as exc:
+        except RihaModelError as exc:
             problems.append(str(exc))
+        except BaseException as exc:  # hostile pixel data: whatever the reader or a decoder plugin raises
+            problems.append(f"instance {instance.sop_instance_uid} cannot be decoded ({_unreadable(exc)})")
     if not images:
         detail = "; ".join(problems) if problems else "no chest radiograph instance in the study"
         raise NoUsableImage(f"no usable image: {detail}")
     return StudyInput(images=images, view_ids=view_ids, sources=[header for _, header, _ in candidates])
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Name what a reader raised on a damaged file; re-raise what is not about the file.
+
+    Decoder plugins written in Rust (pylibjpeg-rle) answer hostile data with a PanicException, which derives from
+    BaseException, so catching Exception is not enough to keep a worker alive.
+    """
+    if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+        raise exc
+    return type(exc).__name__
 
 
 def _choose_views(candidates: list[tuple[Instance, Dataset, int]]) -> list[tuple[Instance, Dataset, int]]:

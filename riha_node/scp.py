@@ -16,6 +16,7 @@ from riha_node.config import Config
 from riha_node.db import Database
 from riha_node.handlers import (StoreHandler, handle_association_request, handle_connection_open, handle_echo)
 from riha_node.log import get_logger
+from riha_node.metrics import count_accepted, count_rejected, count_store
 from riha_node.storage import InstanceStore
 from riha_node.tls import server_context
 
@@ -54,13 +55,17 @@ class StorageServer:
 
     def __init__(self, config: Config, db: Database, store: InstanceStore):
         self.config = config
+        self.db, self.store = db, store
         self.ae = build_ae(config)
         handler = StoreHandler(db=db, store=store, rules=config.study, secret=store.node_secret())
         self.handlers = [
             (evt.EVT_CONN_OPEN, handle_connection_open),
-            (evt.EVT_REQUESTED, handle_association_request, [config.peers]),
+            (evt.EVT_REQUESTED, handle_association_request,
+             [config.peers, store, config.study.disk_watermark_percent]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handler),
+            (evt.EVT_C_STORE, count_store(handler)),
+            (evt.EVT_ACCEPTED, count_accepted),
+            (evt.EVT_CONN_CLOSE, count_rejected),
         ]
         self.server: ThreadedAssociationServer | None = None
 

@@ -1,7 +1,8 @@
 """`riha-node serve`: the SCP and the scheduler in one process, started in order and stopped cleanly.
 
 Start: upgrade the database, prepare storage (removing temp files a crash left), listen, then schedule the periodic
-jobs (whose first run happens at once, so a restarted node catches up from the database). Stop (SIGTERM/SIGINT):
+jobs (whose first run happens at once, so a restarted node catches up from the database); they run only while this
+process is the leader (riha_node.leader), so several serves on one database do not repeat them. Stop (SIGTERM/SIGINT):
 refuse new associations, let those in flight finish (or abort them after a grace period: nothing unacknowledged is
 lost, nothing acknowledged is missing), stop the scheduler, close the database.
 """
@@ -19,8 +20,12 @@ from riha_node.assembly import close_quiet_studies
 from riha_node.config import Config
 from riha_node.db import Database
 from riha_node.export import export_due
+from riha_node.health import MonitoringServer
+from riha_node.leader import Leadership
 from riha_node.log import get_logger
+from riha_node.metrics import node_registry
 from riha_node.models import utcnow
+from riha_node.retention import purge_interval_s, purge_expired
 from riha_node.scp import StorageServer
 from riha_node.storage import InstanceStore
 
@@ -41,18 +46,37 @@ class Node:
         self.server: StorageServer | None = None
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.workers = WorkerProcesses(config)
+        self.monitor: MonitoringServer | None = None
+        self.leadership = Leadership(config.database_url)  # the periodic jobs run in the leader only
 
     def start(self) -> None:
         self.store.prepare()
         self.db.upgrade()
         self.server = StorageServer(self.config, self.db, self.store)
         self.server.start()
+        if self.config.metrics.port:
+            self.monitor = MonitoringServer(self.config, self.store, node_registry(
+                self.config, self.db, self.store, self.server.active_associations, self.workers.alive))
+            self.monitor.start()
         quiet = self.config.study.quiet_period_s
-        self.scheduler.add_job(close_quiet_studies, "interval", args=[self.db, quiet],
+        leader_only = self.leadership.run_if_leader
+        self.scheduler.add_job(leader_only, "interval", args=[close_quiet_studies, self.db, quiet],
                                seconds=min(0.25, max(quiet / 4, 0.05)), next_run_time=utcnow(),
                                id="close_quiet_studies", max_instances=1, coalesce=True)
-        self.scheduler.add_job(export_due, "interval", args=[self.db, self.store, self.config], seconds=1.0,
-                               next_run_time=utcnow(), id="export_due", max_instances=1, coalesce=True)
+        self.scheduler.add_job(leader_only, "interval", args=[export_due, self.db, self.store, self.config],
+                               seconds=1.0, next_run_time=utcnow(), id="export_due", max_instances=1, coalesce=True)
+        if self.config.study.retention_days:
+            self.scheduler.add_job(leader_only, "interval", args=[purge_expired, self.db, self.store,
+                                                                  self.config.study.retention_days],
+                                   seconds=purge_interval_s(self.config.study.retention_days), next_run_time=utcnow(),
+                                   id="purge_expired", max_instances=1, coalesce=True)
+        if self.config.retrain.schedule:
+            from apscheduler.triggers.cron import CronTrigger
+
+            from riha_node.retrain import ScheduledRetrain  # imports the model's libraries: only when scheduled
+
+            self.scheduler.add_job(leader_only, CronTrigger.from_crontab(self.config.retrain.schedule, timezone="UTC"),
+                                   args=[ScheduledRetrain(self.config)], id="retrain", max_instances=1, coalesce=True)
         self.scheduler.add_job(self.workers.keep_running, "interval", seconds=2.0, id="supervise_workers",
                                max_instances=1, coalesce=True)
         self.scheduler.start()
@@ -64,6 +88,9 @@ class Node:
         self.workers.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        self.leadership.release()
+        if self.monitor is not None:
+            self.monitor.stop()
         self.db.dispose()
         log.info("node stopped")
 
@@ -91,6 +118,9 @@ class WorkerProcesses:
                     self.processes[index] = self._spawn()
             while len(self.processes) < self.config.worker.processes:
                 self.processes.append(self._spawn())
+
+    def alive(self) -> int:
+        return sum(process.poll() is None for process in self.processes)
 
     def _spawn(self) -> subprocess.Popen:
         command = [sys.executable, "-m", "riha_node.cli", "worker"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TEMP_SUFFIX = ".partial"
+OWNER_ONLY_UMASK = 0o077
 
 
 def valid_uid(value: object) -> bool:
@@ -28,9 +29,17 @@ class InstanceStore:
         self.studies = self.root / "studies"
 
     def prepare(self) -> None:
-        """Create the folders (owner-only) and remove temp files a crash left behind."""
+        """Make this process's files owner-only, create the folders, and remove temp files a crash left behind.
+
+        `serve` calls this first thing, so the umask also covers the database and whatever the workers it starts
+        create. The root may already exist (the database engine creates its folder): it is made owner-only too,
+        which alone keeps everything below it from other users.
+        """
+        owner_only_files()
         for folder in (self.root, self.studies):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.root.stat().st_uid == os.getuid():
+            self.root.chmod(0o700)
         for leftover in self.studies.rglob(f"*{TEMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)
 
@@ -98,6 +107,12 @@ class InstanceStore:
         usage = shutil.disk_usage(self.root)
         return {"used_bytes": usage.used, "free_bytes": usage.free,
                 "used_percent": round(usage.used * 100.0 / (usage.used + usage.free), 1)}
+
+
+def owner_only_files() -> None:
+    """Everything this process (and any process it starts) creates from now on is for its own user only: patient
+    data, the database and its journals, keys, temp files. Files the node writes itself also get explicit modes."""
+    os.umask(OWNER_ONLY_UMASK)
 
 
 def sha256_of(chunks: list[bytes]) -> str:

@@ -52,7 +52,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.db = Database(config.database_url)
         self.store = InstanceStore(config.node.storage_dir)
-        self.models = ModelHolder(config)
+        self.models = ModelHolder(config, self.db)
         self.lease = timedelta(seconds=config.worker.lease_s)
         self.sr_options = SrOptions(flavour=config.sr.flavour, series_description=config.sr.series_description,
                                     series_number=config.sr.series_number)

@@ -1,9 +1,11 @@
-"""A migrated SQLite database in a temporary folder, for unit tests of the node's state and queue."""
+"""Fixtures of the node tests: a migrated SQLite database in a temporary folder (unit tests of state and queue),
+and one real PostgreSQL server for the session (tests/node/postgres.py) with a fresh database per test."""
 from __future__ import annotations
 
 import pytest
 
 from riha_node.db import Database
+from tests.node.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures, one server per session)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,8 @@ class NodeProcess:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([str(VENV_BIN / "riha-node"), *args, "--config", str(self.config_path)],
                                 capture_output=True, text=True, timeout=60)
+        with (self.workdir / "cli.log").open("a") as log:  # the commands' logs, for the session's PHI scan
+            log.write(result.stderr)
         if check:
             assert result.returncode == 0, result.stderr
         return result
@@ -231,11 +234,12 @@ class StorescpProcess:
     output_dir: Path
     aet: str = "STORESCP"
     port: int = field(default_factory=free_port)
+    options: tuple[str, ...] = ()  # more storescp options, e.g. ("+tls", KEY, CERT, "+cf", CA)
     process: subprocess.Popen | None = None
 
     def start(self) -> "StorescpProcess":
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen([dcmtk("storescp"), "+B", "+xa", "-aet", self.aet, "-od",
+        self.process = subprocess.Popen([dcmtk("storescp"), "+B", "+xa", *self.options, "-aet", self.aet, "-od",
                                          str(self.output_dir), str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env())
         wait_for_port(self.port, process=self.process)
@@ -249,3 +253,29 @@ class StorescpProcess:
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.output_dir.iterdir() if p.is_file())
+
+
+@contextmanager
+def in_process_scp(folder: Path, node_toml: str = "", extra_toml: str = ""):
+    """The node's StorageServer in this test's process, so a test can reach its database, store, associations and
+    threads directly (and break them). `node_toml`: extra [node] lines; `extra_toml`: further sections."""
+    from riha_node.config import load_config
+    from riha_node.db import Database
+    from riha_node.scp import StorageServer
+    from riha_node.storage import InstanceStore
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "riha-node.toml").write_text(f'[node]\nport = {free_port()}\nstorage_dir = "storage"\n{node_toml}'
+                                           f'[[peers]]\nae_title = "TESTSCU"\n{extra_toml}')
+    config = load_config(folder / "riha-node.toml", environ={})
+    db = Database(config.database_url)
+    db.upgrade()
+    store = InstanceStore(config.node.storage_dir)
+    store.prepare()
+    server = StorageServer(config, db, store)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace_s=1)
+        db.dispose()

@@ -163,15 +163,18 @@ def test_ct_and_non_chest_radiograph_are_acknowledged_and_their_studies_ignored(
     assert node.status()["queue"]["queued"] == 0, "an ignored study is never queued"
 
 
-def test_disk_over_the_watermark_refuses_with_a700_and_writes_nothing(tmp_path):
+def test_disk_over_the_watermark_pauses_new_associations_and_writes_nothing(tmp_path):
     node = NodeProcess(tmp_path / "node", extra_toml="").start()
     node.stop()
     node.config_path.write_text(node.config_path.read_text().replace(
         "[study]\n", "[study]\ndisk_watermark_percent = 0.001\n"))
     node.start()
     try:
-        status = send_with_pynetdicom(node, real_file("RG1_UNCR.dcm"))
-        assert status == 0xA700
+        pushed = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "RIHA", "127.0.0.1", str(node.port),
+                                 str(real_file("RG1_UNCR.dcm"))], capture_output=True, text=True, env=dcmtk_env(),
+                                timeout=60)
+        assert pushed.returncode != 0 and "Association Rejected" in pushed.stderr + pushed.stdout
+        assert "Transient" in pushed.stderr + pushed.stdout, "PACS must be told to try again later"
         assert stored_files(node) == []
         assert not list((node.storage_dir / "studies").rglob("*.partial"))
         assert node.status()["instances"] == 0

@@ -11,12 +11,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from riha_node.config import load_config
-from riha_node.db import Database
-from riha_node.scp import StorageServer
 from riha_node.storage import InstanceStore
-from riha_node.tls import client_context
-from tests.node.peers import NodeProcess, dcmtk, dcmtk_env, free_port
+from tests.node.peers import NodeProcess, dcmtk, dcmtk_env, in_process_scp
 from tests.node.samples import SHARED_SC_JPEG, derive, real_file
 
 pytestmark = pytest.mark.peer
@@ -64,82 +60,43 @@ def test_associations_beyond_the_limit_are_rejected_and_the_node_recovers(tmp_pa
         assert node.stop() == 0
 
 
-def make_pki(folder: Path) -> dict[str, Path]:
-    """A site CA, a node certificate and a modality certificate signed by it, and an untrusted self-signed one."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=riha test site CA")
-    for name in ("node", "modality"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2")
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
-        "-subj", "/CN=rogue")
-    return {name: folder / name for name in ("ca.crt", "node.crt", "node.key", "modality.crt", "modality.key",
-                                             "rogue.crt", "rogue.key")}
-
-
-def test_tls_with_client_certificates(tmp_path):
-    pki = make_pki(tmp_path / "pki")
-    node = NodeProcess(tmp_path / "node", extra_toml=(
-        f'[tls]\nenabled = true\ncertificate = "{pki["node.crt"]}"\nprivate_key = "{pki["node.key"]}"\n'
-        f'ca_certificates = "{pki["ca.crt"]}"\n')).start()
-    try:
-        def echo_with(cert: str | None) -> bool:
-            tls = load_config(node.config_path, environ={}).tls.model_copy(update={
-                "certificate": pki[f"{cert}.crt"] if cert else None,
-                "private_key": pki[f"{cert}.key"] if cert else None})
-            ae = AE(ae_title="TESTSCU")
-            ae.add_requested_context(Verification)
-            ae.acse_timeout = ae.network_timeout = 5
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="RIHA", tls_args=(client_context(tls), None))
-            if not assoc.is_established:
-                return False
-            ok = assoc.send_c_echo().Status == 0
-            assoc.release()
-            return ok
-
-        assert echo_with("modality")
-        assert not echo_with("rogue"), "a certificate the site CA did not sign must be refused"
-        assert not echo_with(None), "a client without a certificate must be refused"
-        plain = AE(ae_title="TESTSCU")
-        plain.add_requested_context(Verification)
-        plain.acse_timeout = plain.network_timeout = 5
-        assert not plain.associate("127.0.0.1", node.port, ae_title="RIHA").is_established
-    finally:
-        assert node.stop() == 0
-
-
 def test_database_that_cannot_be_written_gives_a700_and_leaves_no_file(tmp_path):
     """In-process so the test can break the database under a running SCP."""
-    (tmp_path / "riha-node.toml").write_text(
-        f'[node]\nport = {free_port()}\nstorage_dir = "s"\n[[peers]]\nae_title = "TESTSCU"\n')
-    config = load_config(tmp_path / "riha-node.toml", environ={})
-    db = Database(config.database_url)
-    db.upgrade()
-    store = InstanceStore(config.node.storage_dir)
-    store.prepare()
-    server = StorageServer(config, db, store)
-    server.start()
-    try:
-        with db.engine.begin() as connection:
+    with in_process_scp(tmp_path) as server:
+        with server.db.engine.begin() as connection:
             connection.exec_driver_sql("ALTER TABLE instances RENAME TO instances_away")
+        assert store_in_one_association(server.port, real_file("RG1_UNCR.dcm")) == 0xA700
+        assert list((server.store.root / "studies").rglob("*.dcm")) == []
+        assert list((server.store.root / "studies").rglob("*.partial")) == []
+
+
+def store_in_one_association(port: int, path: Path) -> int | str:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RIHA")
+    if not assoc.is_established:
+        answer = assoc.acceptor.primitive
+        return f"rejected {answer.result:#x} {answer.result_source:#x} {answer.diagnostic:#x}"
+    status = assoc.send_c_store(pydicom.dcmread(path))
+    assoc.release()
+    return status.Status
+
+
+def test_over_the_watermark_new_associations_wait_and_open_ones_get_a700(tmp_path, monkeypatch):
+    """The disk crosses the watermark while PACS holds an association: what it sends there is refused with 0xA700,
+    a new association is rejected as transient (local limit exceeded), and both recover when the disk does."""
+    with in_process_scp(tmp_path) as server:
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(ComputedRadiographyImageStorage)
-        assoc = ae.associate("127.0.0.1", server.port, ae_title="RIHA")
-        status = assoc.send_c_store(pydicom.dcmread(real_file("RG1_UNCR.dcm")))
-        assoc.release()
-        assert status.Status == 0xA700
-        assert list((store.root / "studies").rglob("*.dcm")) == []
-        assert list((store.root / "studies").rglob("*.partial")) == []
-    finally:
-        server.stop(grace_s=1)
-        db.dispose()
+        already_open = ae.associate("127.0.0.1", server.port, ae_title="RIHA")
+        assert already_open.is_established
+        monkeypatch.setattr(InstanceStore, "over_watermark", lambda self, percent, incoming_bytes=0: True)
+        assert already_open.send_c_store(pydicom.dcmread(real_file("RG1_UNCR.dcm"))).Status == 0xA700
+        already_open.release()
+        assert store_in_one_association(server.port, real_file("RG1_UNCR.dcm")) == "rejected 0x2 0x3 0x2"
+        assert list((server.store.root / "studies").rglob("*.dcm")) == []
+        monkeypatch.undo()
+        assert store_in_one_association(server.port, real_file("RG1_UNCR.dcm")) == 0x0000
 
 
 def test_no_patient_identifiers_in_the_log(tmp_path):
