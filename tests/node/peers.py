@@ -255,23 +255,30 @@ class StorescpProcess:
         return sorted(p for p in self.output_dir.iterdir() if p.is_file())
 
 
+def open_node(config):
+    """The database (migrated) and the store (prepared) of a node configuration, as `serve` opens them."""
+    from riha_node.db import Database
+    from riha_node.storage import InstanceStore
+
+    db = Database(config.database_url)
+    db.upgrade()
+    store = InstanceStore(config.node.storage_dir)
+    store.prepare()
+    return db, store
+
+
 @contextmanager
 def in_process_scp(folder: Path, node_toml: str = "", extra_toml: str = ""):
     """The node's StorageServer in this test's process, so a test can reach its database, store, associations and
     threads directly (and break them). `node_toml`: extra [node] lines; `extra_toml`: further sections."""
     from riha_node.config import load_config
-    from riha_node.db import Database
     from riha_node.scp import StorageServer
-    from riha_node.storage import InstanceStore
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "riha-node.toml").write_text(f'[node]\nport = {free_port()}\nstorage_dir = "storage"\n{node_toml}'
                                            f'[[peers]]\nae_title = "TESTSCU"\n{extra_toml}')
     config = load_config(folder / "riha-node.toml", environ={})
-    db = Database(config.database_url)
-    db.upgrade()
-    store = InstanceStore(config.node.storage_dir)
-    store.prepare()
+    db, store = open_node(config)
     server = StorageServer(config, db, store)
     server.start()
     try:

@@ -13,7 +13,7 @@ from riha_node.db import Database
 from riha_node.export import DELIVERED, PENDING, export_due
 from riha_node.models import Export, Report, Study, StudyTransition, utcnow
 from riha_node.storage import InstanceStore
-from tests.node.peers import free_port
+from tests.node.peers import free_port, open_node
 from tests.node.samples import real_file
 
 RETRY_AFTER_S = 0.5
@@ -45,10 +45,7 @@ def test_a_failed_export_is_revived_after_its_wait_and_delivered_once(tmp_path):
         f'[node]\nstorage_dir = "storage"\nacse_timeout_s = 2\n[[pacs]]\nae_title = "PACS"\nhost = "127.0.0.1"\n'
         f"port = {pacs_port}\nmax_attempts = 1\nretry_failed_after_s = {RETRY_AFTER_S}\n")
     config = load_config(tmp_path / "riha-node.toml", environ={})
-    db = Database(config.database_url)
-    db.upgrade()
-    store = InstanceStore(config.node.storage_dir)
-    store.prepare()
+    db, store = open_node(config)
     study_id = reported_study(db, store)
     received = []
     try:

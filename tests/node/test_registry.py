@@ -29,6 +29,7 @@ from riha_node.registry import ACTIVE, RETIRED, RegistryError, activate, ensure_
 from riha_node.retrain import RetrainBusy, RetrainLock, judge
 from riha_node.storage import InstanceStore
 from riha_node.worker import Worker
+from tests.node.peers import open_node
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,14 +40,6 @@ def node_config(folder: Path, checkpoint: Path, extra: str = "") -> Config:
     path.write_text(f'[node]\nstorage_dir = "storage"\n\n[worker]\ndevice = "cpu"\nbatch_size = 8\n'
                     f'poll_interval_s = 0.05\n\n[model]\ncheckpoint = "{checkpoint}"\n\n{extra}')
     return load_config(path, environ={})
-
-
-def open_node(config: Config) -> tuple[Database, InstanceStore]:
-    db = Database(config.database_url)
-    db.upgrade()
-    store = InstanceStore(config.node.storage_dir)
-    store.prepare()
-    return db, store
 
 
 def ingest(db: Database, store: InstanceStore, files: list[Path]) -> str:

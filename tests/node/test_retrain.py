@@ -34,7 +34,8 @@ from riha_node.registry import ACTIVE, REFUSED, RETIRED, ensure_configured
 from riha_node.retrain import NotEnoughData, ScheduledRetrain, held_out, retrain, signed_studies
 from riha_node.states import JobState
 from riha_node.storage import InstanceStore
-from tests.node.test_registry import REPO, draft_queued_studies, ingest, node_config, open_node, sr_model_version
+from tests.node.peers import open_node
+from tests.node.test_registry import REPO, draft_queued_studies, ingest, node_config, sr_model_version
 
 EFFUSION = "Pleural Effusion"
 BASE_PHANTOMS, BASE_EPOCHS = 200, 16
