@@ -160,6 +160,18 @@ class NodeProcess:
             time.sleep(0.2)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; log:\n{self.log_text()[-3000:]}")
 
+    def database(self):
+        """This node's SQLite database, migrated, with its configuration written: for commands that work on the
+        database alone, no serve process needed. The caller disposes of it."""
+        from riha_node.db import Database
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.config_path.exists():
+            self.write_config()
+        database = Database(f"sqlite:///{self.storage_dir / 'riha-node.db'}")
+        database.upgrade()
+        return database
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

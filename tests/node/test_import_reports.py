@@ -10,7 +10,6 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
 from sqlalchemy import func, select
 
 from riha_node.cli import main
-from riha_node.db import Database
 from riha_node.ground_truth import ground_truth_by_study
 from riha_node.ingest import ReceivedInstance, record_instance
 from riha_node.models import SignedReport, Study
@@ -35,10 +34,7 @@ def add_study(session, study_uid: str, accession_number: str | None = None) -> S
 def node(tmp_path) -> NodeProcess:
     """A node's configuration and migrated database (no process: import-reports works on the database)."""
     node = NodeProcess(tmp_path / "node")
-    node.workdir.mkdir(parents=True)
-    node.write_config()
-    database = Database(f"sqlite:///{node.storage_dir / 'riha-node.db'}")
-    database.upgrade()
+    database = node.database()
     with database.session() as session:
         add_study(session, HELD_UID)
         add_study(session, generate_uid(), "ACC-2")
@@ -50,7 +46,7 @@ def node(tmp_path) -> NodeProcess:
 
 @pytest.fixture
 def database(node):
-    database = Database(f"sqlite:///{node.storage_dir / 'riha-node.db'}")
+    database = node.database()
     yield database
     database.dispose()
 

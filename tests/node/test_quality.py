@@ -10,7 +10,6 @@ from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from sqlalchemy import func, select
 
 from riha_node.cli import main
-from riha_node.db import Database
 from riha_node.ground_truth import SOURCE_IMPORT, SignedText, add_signed_report
 from riha_node.models import Export, Report, ReportQuality, Study
 from riha_node.quality import summarise, update_quality
@@ -44,10 +43,7 @@ def signed(session, study, text: str, received: datetime, signed_at: datetime | 
 def node(tmp_path) -> NodeProcess:
     """Four studies drafted by two model versions in two months, with signed reports (and one kept aside)."""
     node = NodeProcess(tmp_path / "node")
-    node.workdir.mkdir(parents=True)
-    node.write_config()
-    database = Database(f"sqlite:///{node.storage_dir / 'riha-node.db'}")
-    database.upgrade()
+    database = node.database()
     with database.session() as session:
         a, b, c, d = (add_study(session, generate_uid()) for _ in range(4))
         draft(session, a, "Large right pleural effusion.", "v1", at(10, 5), at(10, 5))
@@ -68,7 +64,7 @@ def node(tmp_path) -> NodeProcess:
 
 @pytest.fixture
 def database(node):
-    database = Database(f"sqlite:///{node.storage_dir / 'riha-node.db'}")
+    database = node.database()
     yield database
     database.dispose()
 
