@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,12 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs (default: the dataset's reference recipe).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Studies per batch (default: the recipe's).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate outside the ResNet.")
+@click.option("--lr-step", type=click.IntRange(min=1), help="StepLR: epochs between learning-rate drops.")
+@click.option("--lr-gamma", type=click.FloatRange(min=0, min_open=True), help="StepLR: factor of each drop.")
+@click.option("--validate-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Epochs between validations (the last epoch is always validated).")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Write the epoch with the best validation BLEU-4, or the last validated one.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path),
               help="Continue the run that wrote this checkpoint (its .train-state file must sit beside it).")
@@ -73,21 +80,24 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Local transformers encoder folder (e.g. a Bio_ClinicalBERT copy) for the text pyramid.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @_file_errors
-def train(data, images, preset, recipe, out, epochs, batch_size, lr, seed, resume, init, augment, backbone_weights,
-          text_encoder, device):
-    """Train (or fine-tune) a RIHA model and write its best checkpoint."""
+def train(data, images, preset, recipe, out, epochs, batch_size, lr, lr_step, lr_gamma, validate_every, keep, seed,
+          resume, init, augment, backbone_weights, text_encoder, device):
+    """Train (or fine-tune) a RIHA model and write its best checkpoint. Under `torchrun` each process trains its
+    share of every batch (DistributedDataParallel: NCCL on GPUs, Gloo on CPUs) and the first one writes the file."""
     from riha_model.api import PHANTOM_TRAINING, train_model
     _log_to_stderr()
     settings = dict(PHANTOM_TRAINING) if recipe == "phantoms" else {"preset": "tiny"}
-    given = {"preset": preset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment}
+    given = {"preset": preset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_step": lr_step,
+             "lr_gamma": lr_gamma, "augment": augment}
     settings.update({name: value for name, value in given.items() if value is not None})
     local_files = {"backbone_weights": backbone_weights, "text_encoder_dir": text_encoder}
     settings["config_overrides"] = {**settings.get("config_overrides", {}),
                                     **{key: str(path) for key, path in local_files.items() if path is not None}}
     result = train_model(data=data, images=images, out=out, seed=seed, resume=resume, init=init, device=device,
-                         **settings)
-    click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
-               f"wrote {result.checkpoint} (sha256 {result.sha256[:12]})")
+                         validate_every=validate_every, keep=keep, **settings)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, from the process that wrote the file
+            click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
+                   f"wrote {result.checkpoint} (sha256 {result.sha256[:12]})")
 
 
 @click.command(name="evaluate")

@@ -160,6 +160,7 @@ class RetrainConfig(Section):
     lr: Annotated[float, Field(gt=0, le=1)] = 1e-4
     batch_size: Annotated[int, Field(ge=1, le=256)] = 16
     augment: bool = False  # R2Gen's random crop and flip; the flip mirrors a sided finding its report still names
+    processes: Annotated[int, Field(ge=1, le=64)] = 1  # >1: torchrun with that many (one per GPU; Gloo on CPUs)
     min_studies: Annotated[int, Field(ge=2)] = 50
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     metric: Literal["micro_f1", "macro_f1", "BLEU_4"] = "micro_f1"

@@ -64,6 +64,10 @@ class RetrainBusy(UserError):
     """Another retrain holds the lock."""
 
 
+class RetrainFailed(UserError):
+    """Training stopped with an error; the active model is untouched and the run can continue."""
+
+
 class NotEnoughData(UserError):
     """Too few usable studies, or an empty side of the split; the message says how many and what is needed."""
 
@@ -339,21 +343,47 @@ def _train(candidate: Path, manifest: Path, active: ActiveVersion, config: Confi
     settings = config.retrain
     state = _training_state(candidate)
     if state is None or state["epoch"] < settings.epochs:
-        handler = _ToStructlog()
-        model_log = logging.getLogger("riha_model")
-        model_log.addHandler(handler)
-        model_log.setLevel(logging.INFO)
-        try:
-            log.info("training", resumed=state is not None, from_epoch=state["epoch"] if state else 0,
-                     epochs=settings.epochs)
-            train_model(manifest, candidate, init=None if state else active.path, resume=candidate if state else None,
-                        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                        lr_step=max(1, settings.epochs * 3 // 4), lr_gamma=0.1,
-                        validate_every=max(1, settings.epochs // 8), augment=settings.augment, keep="last",
-                        device=config.worker.device)
-        finally:
-            model_log.removeHandler(handler)
+        log.info("training", resumed=state is not None, from_epoch=state["epoch"] if state else 0,
+                 epochs=settings.epochs, processes=settings.processes)
+        recipe = dict(init=None if state else active.path, resume=candidate if state else None,
+                      epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                      lr_step=max(1, settings.epochs * 3 // 4), lr_gamma=0.1,
+                      validate_every=max(1, settings.epochs // 8), augment=settings.augment, keep="last",
+                      device=config.worker.device)
+        if settings.processes > 1:
+            _train_under_torchrun(manifest, candidate, settings.processes, recipe)
+        else:
+            handler = _ToStructlog()
+            model_log = logging.getLogger("riha_model")
+            model_log.addHandler(handler)
+            model_log.setLevel(logging.INFO)
+            try:
+                train_model(manifest, candidate, **recipe)
+            finally:
+                model_log.removeHandler(handler)
     done.write_text(json.dumps({"epochs": settings.epochs}))
+
+
+def _train_under_torchrun(manifest: Path, candidate: Path, processes: int, recipe: dict) -> None:
+    """The same training as `riha-node train` started by torchrun in `processes` processes (one per GPU; Gloo on
+    CPUs), its epoch lines passed on as structured log lines."""
+    options = {"--init": recipe["init"], "--resume": recipe["resume"], "--epochs": recipe["epochs"],
+               "--batch-size": recipe["batch_size"], "--lr": recipe["lr"], "--lr-step": recipe["lr_step"],
+               "--lr-gamma": recipe["lr_gamma"], "--validate-every": recipe["validate_every"],
+               "--keep": recipe["keep"], "--device": recipe["device"]}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "riha_node.cli", "train", "--data", str(manifest), "--out", str(candidate),
+               "--augment" if recipe["augment"] else "--no-augment"]
+    command += [str(part) for name, value in options.items() if value is not None for part in (name, value)]
+    log.info("training under torchrun", processes=processes)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.strip():
+            log.info("training", detail=line.strip())
+    if process.wait() != 0:
+        raise RetrainFailed(f"Training under torchrun ({processes} processes) exited with {process.returncode}; "
+                            "the log lines above say why. The active model is unchanged; run retrain again to "
+                            "continue from the last saved epoch.")
 
 
 def _training_state(candidate: Path) -> dict | None:

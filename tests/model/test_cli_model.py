@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,22 @@ def test_the_phantom_recipe_fills_unset_options_and_given_ones_win(tmp_path):
     assert checkpoint.config.backbone_weights == str(weights)
     assert recipe["epochs"] == 1 and recipe["batch_size"] == 16  # --epochs given, the batch from the recipe
     assert recipe["lr"] == recipe["lr_backbone"] == 1e-3 and recipe["augment"] is False
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_processes_train_one_checkpoint(tmp_path):
+    """DistributedDataParallel over Gloo on this CPU: the same code path as several GPUs under NCCL."""
+    annotation = write_phantoms(tmp_path / "phantoms", 12, seed=3, image_size=64)
+    out = tmp_path / "ddp.riha"
+    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                             "-m", "riha_node.cli", "train", "--data", str(annotation), "--recipe", "phantoms",
+                             "--epochs", "2", "--batch-size", "4", "--keep", "last", "--out", str(out),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote") == 1, result.stdout
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.metadata["epochs"] == 2 and checkpoint.metadata["recipe"]["keep"] == "last"
+    assert result.stderr.count("epoch 2/2") == 1, "epoch lines come from the first process only"
 
 
 def test_evaluate_prints_a_table_or_one_json_object(phantom_model):

@@ -135,9 +135,9 @@ class NodeProcess:
         self.process.wait(timeout=10)
         self.process = None
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
         result = subprocess.run([str(VENV_BIN / "riha-node"), *args, "--config", str(self.config_path)],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=timeout)
         with (self.workdir / "cli.log").open("a") as log:  # the commands' logs, for the session's PHI scan
             log.write(result.stderr)
         if check:

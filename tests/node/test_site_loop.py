@@ -1,6 +1,7 @@
 """Site fine-tuning end to end on a running node: phantom studies are pushed, drafted and delivered to PACS, their
-signed reports come back as a RIS export, `quality` compares drafts with them, and `retrain` produces a judged
-candidate whose evidence `models list` shows. Each step goes through the command line as an operator would."""
+signed reports come back as a RIS export, `quality` compares drafts with them, and `retrain` (training in two
+processes under torchrun, Gloo on this CPU, the path several GPUs take) produces a judged candidate whose evidence
+`models list` shows. Each step goes through the command line as an operator would."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,7 @@ from tests.node.test_loop import loop_node, send
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 STUDIES = 8
-RETRAIN = "[retrain]\nepochs = 2\nbatch_size = 4\nmin_studies = 4\nval_fraction = 0.5\nlr = 1e-3\n"
+RETRAIN = "[retrain]\nepochs = 2\nbatch_size = 4\nmin_studies = 4\nval_fraction = 0.5\nlr = 1e-3\nprocesses = 2\n"
 NODE_KEY = bytes(range(32))  # a fixed node secret: the same patients are held out on every run
 
 
@@ -52,8 +53,9 @@ def test_drafted_studies_signed_reports_quality_and_a_judged_retrain(tmp_path, p
         assert 0.0 <= group["bleu_4"] <= 1.0 and 0.0 <= group["ce_agreement"] <= 1.0
         assert quality["kept_aside"] == 1 and quality["studies_without_delivered_draft"] == 0
 
-        outcome = node.cli("retrain")
+        outcome = node.cli("retrain", timeout=600)
         assert "promoted" in outcome.stdout or "refused" in outcome.stdout, outcome.stdout
+        assert "training under torchrun" in outcome.stderr and "epoch 2/2" in outcome.stderr, outcome.stderr[-2000:]
         versions = {row["version"]: row for row in json.loads(node.cli("models", "list", "--json").stdout)}
         assert len(versions) == 2
         [candidate] = [row for row in versions.values() if row["promoted_by"] != "config"]
