@@ -69,9 +69,10 @@ RECIPES = {"iu_xray": Recipe(batch_size=16, epochs=100, lr_step=50, lr_gamma=0.1
 # The `tiny` preset on phantom studies at 64 px: the training that the learning tests show reads the drawn findings,
 # about three CPU-minutes for 240 phantoms on this 2-core machine (the demo and the retrain tests use it too). A
 # higher, flat learning rate for every part, and no random crop or flip: the flip mirrors a sided finding while its
-# report keeps the side, and on two cores there is no time to learn through the crop's jitter.
+# report keeps the side, and on two cores there is no time to learn through the crop's jitter. The last epoch is
+# kept: validation BLEU-4 peaks early, at epochs that write the most frequent report whatever the image shows.
 PHANTOM_TRAINING = {"preset": "tiny", "epochs": 24, "batch_size": 16, "lr": 1e-3, "lr_backbone": 1e-3,
-                    "lr_step": 1000, "augment": False, "config_overrides": {"image_size": 64}}
+                    "lr_step": 1000, "augment": False, "keep": "last", "config_overrides": {"image_size": 64}}
 
 
 @dataclass

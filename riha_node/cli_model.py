@@ -64,8 +64,9 @@ existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--lr-gamma", type=click.FloatRange(min=0, min_open=True), help="StepLR: factor of each drop.")
 @click.option("--validate-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Epochs between validations (the last epoch is always validated).")
-@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Write the epoch with the best validation BLEU-4, or the last validated one.")
+@click.option("--keep", type=click.Choice(["best", "last"]),
+              help="Write the epoch with the best validation BLEU-4 (the reference recipe), or the last validated one "
+                   "(the phantom recipe).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path),
               help="Continue the run that wrote this checkpoint (its .train-state file must sit beside it).")
@@ -88,13 +89,13 @@ def train(data, images, preset, recipe, out, epochs, batch_size, lr, lr_step, lr
     _log_to_stderr()
     settings = dict(PHANTOM_TRAINING) if recipe == "phantoms" else {"preset": "tiny"}
     given = {"preset": preset, "epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_step": lr_step,
-             "lr_gamma": lr_gamma, "augment": augment}
+             "lr_gamma": lr_gamma, "augment": augment, "keep": keep}
     settings.update({name: value for name, value in given.items() if value is not None})
     local_files = {"backbone_weights": backbone_weights, "text_encoder_dir": text_encoder}
     settings["config_overrides"] = {**settings.get("config_overrides", {}),
                                     **{key: str(path) for key, path in local_files.items() if path is not None}}
     result = train_model(data=data, images=images, out=out, seed=seed, resume=resume, init=init, device=device,
-                         validate_every=validate_every, keep=keep, **settings)
+                         validate_every=validate_every, **settings)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, from the process that wrote the file
             click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
                    f"wrote {result.checkpoint} (sha256 {result.sha256[:12]})")

@@ -66,7 +66,7 @@ def test_the_phantom_recipe_fills_unset_options_and_given_ones_win(tmp_path):
     assert checkpoint.config.image_size == 64 and checkpoint.config.d_model == 128  # tiny at 64 px
     assert checkpoint.config.backbone_weights == str(weights)
     assert recipe["epochs"] == 1 and recipe["batch_size"] == 16  # --epochs given, the batch from the recipe
-    assert recipe["lr"] == recipe["lr_backbone"] == 1e-3 and recipe["augment"] is False
+    assert recipe["lr"] == recipe["lr_backbone"] == 1e-3 and recipe["augment"] is False and recipe["keep"] == "last"
 
 
 @pytest.mark.slow
