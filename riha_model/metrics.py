@@ -67,8 +67,12 @@ def clinical_efficacy(references: list[str], hypotheses: list[str]) -> dict:
     Returns micro_* (pooled counts), macro_* (mean over the 14 observations) and per_observation_f1.
     """
     _check_pairs(references, hypotheses)
-    reference_labels = [label_report(text) for text in references]
-    hypothesis_labels = [label_report(text) for text in hypotheses]
+    return efficacy_from_labels([label_report(text) for text in references],
+                                [label_report(text) for text in hypotheses])
+
+
+def efficacy_from_labels(reference_labels: list[dict], hypothesis_labels: list[dict]) -> dict:
+    """clinical_efficacy from labels already computed (one {observation: label} dict per report)."""
     counts = {}
     for name in OBSERVATIONS:
         truth = [labels[name] == POSITIVE for labels in reference_labels]

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from riha_model.labeler import OBSERVATIONS, POSITIVE, label_report
+from riha_model.metrics import efficacy_from_labels
 from riha_model.text import clean_report
 from riha_node.db import Database
 from riha_node.ground_truth import ground_truth_by_study, kept_aside_count
@@ -135,19 +136,15 @@ def summarise(session: Session, since: datetime | None = None) -> dict:
 
 
 def _scores(members: list[ReportQuality]) -> dict:
-    agree = true_positive = false_positive = false_negative = 0
-    for member in members:
-        for labels in json.loads(member.chexpert).values():
-            truth, guess = labels["signed"] == POSITIVE, labels["draft"] == POSITIVE
-            agree += truth == guess
-            true_positive += truth and guess
-            false_positive += guess and not truth
-            false_negative += truth and not guess
-    pooled = 2 * true_positive + false_positive + false_negative
+    labels = [json.loads(member.chexpert) for member in members]
+    signed = [{name: pair["signed"] for name, pair in study.items()} for study in labels]
+    drafts = [{name: pair["draft"] for name, pair in study.items()} for study in labels]
+    agree = sum((truth[name] == POSITIVE) == (guess[name] == POSITIVE)
+                for truth, guess in zip(signed, drafts) for name in OBSERVATIONS)
     return {
         "studies": len(members),
         "bleu_4": sum(m.bleu_4 for m in members) / len(members),
         "rouge_l": sum(m.rouge_l for m in members) / len(members),
         "ce_agreement": agree / (len(members) * len(OBSERVATIONS)),
-        "ce_micro_f1": 2 * true_positive / pooled if pooled else 0.0,
+        "ce_micro_f1": efficacy_from_labels(signed, drafts)["micro_f1"],
     }
