@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from riha_node.config import Config, ConfigError, load_config
-from riha_node.db import Database
+from riha_node.db import Database, sqlite_path
 from riha_node.log import configure_logging
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -22,10 +22,9 @@ def load_configured(config_path: Path | None) -> Config:
 
 def open_existing_database(config: Config) -> Database:
     """The node's database as `serve` left it; one clear error when there is none yet or its schema is older."""
-    if config.database_url.startswith("sqlite:///"):
-        path = Path(config.database_url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise ConfigError(f"No database at {path}: start `riha-node serve` or run `riha-node db upgrade` first.")
+    path = sqlite_path(config.database_url)
+    if path is not None and not path.exists():
+        raise ConfigError(f"No database at {path}: start `riha-node serve` or run `riha-node db upgrade` first.")
     database = Database(config.database_url)
     database.require_current()
     return database

@@ -29,12 +29,19 @@ class DatabaseError(UserError):
     """The database cannot be opened or upgraded."""
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite database URL; None for another engine or an in-memory database."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///")
+    return Path(path) if path and path != ":memory:" else None
+
+
 def make_engine(url: str, writer: bool = True) -> Engine:
     """`writer=False` on SQLite: plain (deferred) transactions, which in WAL mode never wait for the writer."""
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if (path := sqlite_path(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_on_connect)
         begin = "BEGIN IMMEDIATE" if writer else "BEGIN"

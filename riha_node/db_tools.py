@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import func, insert, inspect, make_url, select, text
 from sqlalchemy.engine import Connection
 
-from riha_node.db import Database
+from riha_node.db import Database, sqlite_path
 from riha_node.errors import UserError
 from riha_node.leader import lock_exclusively, sqlite_lock_path
 from riha_node.log import get_logger
@@ -44,10 +44,10 @@ class Copied:
 
 def sqlite_file(database_url: str) -> Path:
     """The SQLite database file of a configured URL, which must exist."""
-    if not database_url.startswith("sqlite:///"):
+    path = sqlite_path(database_url)
+    if path is None:
         raise UserError(f"This works on the SQLite database only, and the configured database is "
                         f"{make_url(database_url).render_as_string(hide_password=True)}.")
-    path = Path(database_url.removeprefix("sqlite:///"))
     if not path.is_file():
         raise UserError(f"No SQLite database at {path}: check [node] storage_dir / database_url.")
     return path

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from riha_node.db import sqlite_path
 from riha_node.log import get_logger
 
 log = get_logger(__name__)
@@ -40,8 +41,8 @@ DEAD_PEER_DETECTION = {
 
 def sqlite_lock_path(database_url: str) -> Path | None:
     """The leader lock file of an SQLite database, None for an in-memory one."""
-    path = database_url.removeprefix("sqlite:///")
-    return Path(f"{path}.leader") if path and path != ":memory:" else None
+    path = sqlite_path(database_url)
+    return path.with_name(f"{path.name}.leader") if path is not None else None
 
 
 class Leadership:
