@@ -9,7 +9,6 @@ lost, nothing acknowledged is missing), stop the scheduler, close the database.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from riha_node.metrics import node_registry
 from riha_node.models import utcnow
 from riha_node.retention import purge_interval_s, purge_expired
 from riha_node.scp import StorageServer
+from riha_node.stopping import StopSignal
 from riha_node.storage import InstanceStore
 
 log = get_logger(__name__)
@@ -146,19 +146,11 @@ class WorkerProcesses:
 
 
 def serve(config: Config) -> None:
-    received: list[int] = []
-    stop_requested = threading.Event()
-
-    def request_stop(signum, _frame):  # only record it: logging from a signal handler can re-enter a write
-        received.append(signum)
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = StopSignal()
     node = Node(config)
     try:
         node.start()
-        stop_requested.wait()
-        log.info("stop requested", signal=signal.Signals(received[0]).name)
+        stop.wait()
+        log.info("stop requested", signal=stop.name)
     finally:
         node.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -25,13 +24,14 @@ from riha_node import jobs
 from riha_node.config import Config
 from riha_node.db import Database
 from riha_node.export import export_due
-from riha_node.serve import PARENT_PID_VARIABLE
 from riha_node.log import get_logger
 from riha_node.model_runtime import ActiveModel, ModelHolder
 from riha_node.models import Export, Instance, Job, Report, Study, utcnow
 from riha_node.preprocess import NoUsableImage, StudyInput, prepare_study
 from riha_node.sr import DraftReport, Predecessor, SrOptions, build_draft_sr
+from riha_node.serve import PARENT_PID_VARIABLE
 from riha_node.states import JobState, StudyState, move
+from riha_node.stopping import StopSignal
 from riha_node.storage import InstanceStore
 
 log = get_logger(__name__)
@@ -65,20 +65,24 @@ class Worker:
         heartbeat.start()
         log.info("worker started", worker=self.worker_id)
         parent = int(os.environ.get(PARENT_PID_VARIABLE, "0"))
-        while not stop.is_set():
-            if parent and os.getppid() != parent:
-                log.warning("serve is gone; worker stopping", worker=self.worker_id)
-                break
-            model = self.models.current()
-            if model is None:
-                stop.wait(max(self.config.worker.poll_interval_s, 5.0))
-                continue
-            claimed = self._claim_batch()
-            if not claimed:
-                stop.wait(self.config.worker.poll_interval_s)
-                continue
-            self.process(claimed, model)
-            export_due(self.db, self.store, self.config)  # first delivery at once; retries are the scheduler's
+        try:
+            while not stop.is_set():
+                if parent and os.getppid() != parent:
+                    log.warning("serve is gone; worker stopping", worker=self.worker_id)
+                    break
+                model = self.models.current()
+                if model is None:
+                    stop.wait(max(self.config.worker.poll_interval_s, 5.0))
+                    continue
+                claimed = self._claim_batch()
+                if not claimed:
+                    stop.wait(self.config.worker.poll_interval_s)
+                    continue
+                self.process(claimed, model)
+                export_due(self.db, self.store, self.config)  # first delivery at once; retries are the scheduler's
+        finally:  # the heartbeat ends before the interpreter does: a daemon thread caught in exit can abort it
+            stop.set()
+            heartbeat.join()
         log.info("worker stopped", worker=self.worker_id)
 
     def _claim_batch(self) -> list[ClaimedStudy]:
@@ -229,10 +233,8 @@ def cpu_threads(configured: int) -> int:
 def run_worker(config: Config) -> None:
     """`riha-node worker`: one worker process until SIGTERM/SIGINT."""
     torch.set_num_threads(cpu_threads(config.worker.threads))
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = StopSignal()
     worker = Worker(config)
     worker.db.upgrade()
-    worker.run(stop)
+    worker.run(stop.requested)
     worker.db.dispose()
