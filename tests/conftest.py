@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from riha_model.api import PHANTOM_TRAINING, TrainResult, train_model
+from riha_model.api import TrainResult, train_model
 from riha_model.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,22 +55,6 @@ def phantom_model(tmp_path_factory) -> PhantomModel:
 @pytest.fixture(scope="session")
 def phantom_checkpoint(phantom_model) -> Path:
     return phantom_model.result.checkpoint
-
-
-UNSEEN_FINDING = "pneumothorax"  # the finding the reader never saw
-
-
-@pytest.fixture(scope="session")
-def phantom_reader(tmp_path_factory) -> PhantomModel:
-    """A `tiny` checkpoint that reads phantom images (PHANTOM_TRAINING on 240 studies, about three CPU-minutes, once
-    per session) and has never seen UNSEEN_FINDING."""
-    folder = tmp_path_factory.mktemp("phantom-reader")
-    image_size = PHANTOM_TRAINING["config_overrides"]["image_size"]
-    annotation = write_phantoms(folder / "data", 240, seed=11, image_size=image_size, without=[UNSEEN_FINDING])
-    started = time.process_time()
-    result = train_model(annotation, folder / "reader.riha", validate_every=6, seed=0, device="cpu",
-                         **PHANTOM_TRAINING)
-    return PhantomModel(annotation=annotation, result=result, cpu_seconds=time.process_time() - started)
 
 
 # --- Session-end PHI scan: no patient name, ID, birth date, accession number or report text in any node log --------

@@ -1,5 +1,4 @@
-"""The tiny preset learns: it memorises a handful of studies, and on phantoms it reads the image, not only the text
-(the second test uses the session's `phantom_reader`, which the retrain tests fine-tune).
+"""The tiny preset learns: it memorises a handful of studies, and on phantoms it reads the image, not only the text.
 
 Both use PHANTOM_TRAINING (no random crop or flip, a flat 1e-3 learning rate): see riha_model/train.py. Their
 bounds are on CPU time, which a busy machine does not inflate; the wall-clock timeout leaves room for that.
@@ -19,10 +18,27 @@ from riha_model.metrics import clinical_efficacy
 from riha_model.phantoms import write_phantoms
 from riha_model.text import clean_report
 from riha_model.train import PHANTOM_TRAINING, train_model
+from tests.conftest import PhantomModel
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repository
 REAL_IU_IDS = ("CXR7_IM-2263", "CXR1900_IM-0584")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def phantom_reader(tmp_path_factory) -> PhantomModel:
+    """A `tiny` checkpoint that reads phantom images: PHANTOM_TRAINING on 240 studies, about three CPU-minutes.
+
+    The set leaves out pneumothorax: it is the set docs/BENCHMARKS.md records. The recipe is near its edge (the same
+    size of set without effusions did not beat the blind report), so a change of set needs measuring again.
+    """
+    folder = tmp_path_factory.mktemp("phantom-reader")
+    image_size = PHANTOM_TRAINING["config_overrides"]["image_size"]
+    annotation = write_phantoms(folder / "data", 240, seed=11, image_size=image_size, without=["pneumothorax"])
+    started = time.process_time()
+    result = train_model(annotation, folder / "reader.riha", validate_every=6, seed=0, device="cpu",
+                         **PHANTOM_TRAINING)
+    return PhantomModel(annotation=annotation, result=result, cpu_seconds=time.process_time() - started)
 
 
 def eight_study_manifest(folder: Path) -> Path:

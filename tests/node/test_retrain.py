@@ -38,7 +38,7 @@ from tests.node.peers import open_node
 from tests.node.test_registry import REPO, draft_queued_studies, ingest, node_config, sr_model_version
 
 EFFUSION = "Pleural Effusion"
-BASE_PHANTOMS, BASE_EPOCHS = 200, 16
+BASE_PHANTOMS, BASE_EPOCHS = 200, 8
 SITE_EFFUSION, SITE_OTHER = 40, 40
 RETRAIN = '[retrain]\nepochs = 24\nlr = 1e-3\nbatch_size = 8\nmin_studies = 40\nval_fraction = 0.3\nmargin = 0\n'
 SHUFFLED_EPOCHS = 8  # enough to undo what the images taught; kept short for the CPU budget
