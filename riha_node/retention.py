@@ -2,13 +2,15 @@
 
 Only `exported` studies qualify (PACS accepted the latest draft SR): a study still waiting for its draft or its
 delivery keeps every image, however old. The database rows and the draft SR files stay; each purged instance is
-marked with `purged_at`, so the record of what was received is complete. Each study is purged in its own transaction
-with its row locked: a late instance that re-opens the study either waits for the purge or stops it.
+marked with `purged_at`, so the record of what was received is complete; the emptied study folders go. Each study
+is purged in its own transaction with its row locked: a late instance that re-opens the study either waits for the
+purge or stops it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import PurePosixPath
 
 from sqlalchemy import select
 
@@ -69,6 +71,8 @@ def _purge_study(db: Database, store: InstanceStore, study_id: int, cutoff) -> t
                 freed += path.stat().st_size
                 store.remove(instance.rel_path)
             instance.purged_at = now
+        for study_folder in {"/".join(PurePosixPath(instance.rel_path).parts[:2]) for instance in remaining}:
+            store.remove_empty_folders(study_folder)  # studies/<StudyInstanceUID>
         log.info("study images purged", study_id=study_id, study_uid=study.study_uid, instances=len(remaining),
                  bytes_freed=freed)
         return len(remaining), freed

@@ -70,9 +70,13 @@ class InstanceStore:
         """Temp file in the target folder, fsync, atomic rename, fsync the folder: all of it, or nothing, survives."""
         target = self.root / rel_path
         folder = target.parent
-        created = _makedirs_durably(folder, self.root)
         temp = folder / f"{target.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        created = _makedirs_durably(folder, self.root)
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # retention removed the folder, emptied, in between: make it again
+            created = _makedirs_durably(folder, self.root)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb", closefd=True) as handle:
                 for chunk in chunks:
@@ -97,6 +101,15 @@ class InstanceStore:
         target = self.root / rel_path
         target.unlink(missing_ok=True)
         _fsync_dir(target.parent)
+
+    def remove_empty_folders(self, rel_folder: str) -> None:
+        """Remove `rel_folder` and every folder under it that holds no file: retention empties a study's folders,
+        and millions of empty ones would slow every start (`prepare` walks them)."""
+        for folder, _, _ in os.walk(self.root / rel_folder, topdown=False):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (a file kept, or a store arriving): it stays
+                pass
 
     def over_watermark(self, max_used_percent: float, incoming_bytes: int = 0) -> bool:
         """True when storing `incoming_bytes` more would fill the file system beyond the configured share."""

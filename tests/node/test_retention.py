@@ -93,6 +93,7 @@ def test_only_delivered_studies_past_the_period_lose_their_images(database, stor
     assert result == Purged(studies=1, instances=3, bytes_freed=4500)
     assert not any(path.exists() for path in expired.image_paths)
     assert expired.sr_path.exists(), "the draft SR is kept"
+    assert not expired.image_paths[0].parent.parent.exists(), "the emptied study folder goes"
     assert all(at is not None for at in purged_at(database, expired.id)), "each row stays, marked purged"
     for study in (recent, *kept):
         assert all(path.exists() for path in study.image_paths), "never before the draft was delivered"

@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from riha_node import storage
 from riha_node.dataset_check import DamagedDataSet, read_received
 from riha_node.storage import InstanceStore, valid_uid
 from tests.node.samples import SHARED_SC_JPEG, dataset_bytes, real_file
@@ -54,6 +55,31 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         store.write_durably(rel, [b"partial data"])
     assert not store.path(rel).exists()
     assert list(tmp_path.rglob("*.partial")) == []
+
+
+def test_emptied_folders_go_and_a_store_racing_the_removal_makes_its_folder_again(tmp_path, monkeypatch):
+    store = InstanceStore(tmp_path)
+    store.prepare()
+    store.write_durably("studies/1.2/1.3/1.4.dcm", [b"kept"])
+    store.write_durably("studies/1.2/1.5/1.6.dcm", [b"gone"])
+    store.remove("studies/1.2/1.5/1.6.dcm")
+    store.remove_empty_folders("studies/1.2")
+    assert sorted(str(p.relative_to(tmp_path)) for p in store.studies.rglob("*")) == [
+        "studies/1.2", "studies/1.2/1.3", "studies/1.2/1.3/1.4.dcm"]
+
+    makedirs = storage._makedirs_durably
+    calls = []
+
+    def prunes_once(folder, root):  # the purge of the same study, between mkdir and open
+        calls.append(folder)
+        created = makedirs(folder, root)
+        if len(calls) == 1:
+            store.remove_empty_folders("studies/1.7")
+        return created
+
+    monkeypatch.setattr(storage, "_makedirs_durably", prunes_once)
+    store.write_durably("studies/1.7/1.8/1.9.dcm", [b"late instance"])
+    assert store.path("studies/1.7/1.8/1.9.dcm").read_bytes() == b"late instance" and len(calls) == 2
 
 
 def test_prepare_removes_leftover_temp_files_only(tmp_path):
