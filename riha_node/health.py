@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from riha_node.config import Config, ConfigError
+from riha_node.db import sqlite_path
 from riha_node.log import get_logger
 from riha_node.metrics import traffic_from_exposition
 from riha_node.registry import active_version
@@ -35,9 +36,8 @@ CHECKPOINT_FORMAT = "riha-checkpoint"  # the header riha_model.checkpoint writes
 def database_check(database_url: str, storage_dir: Path) -> tuple[str | None, Path | None]:
     """(problem, the registry's active checkpoint): problem is None when a new connection reaches the migrated
     schema, else what is wrong (no credentials in it)."""
-    if database_url.startswith("sqlite:///"):  # open the existing file only: never create an empty one
-        url, connect_args = f"sqlite:///file:{database_url.removeprefix('sqlite:///')}?mode=rw&uri=true", {
-            "timeout": PROBE_TIMEOUT_S}
+    if (path := sqlite_path(database_url)) is not None:  # open the existing file only: never create an empty one
+        url, connect_args = f"sqlite:///file:{path}?mode=rw&uri=true", {"timeout": PROBE_TIMEOUT_S}
     else:
         url, connect_args = database_url, {"connect_timeout": PROBE_TIMEOUT_S}
     engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
