@@ -14,3 +14,11 @@ def database(tmp_path):
     db.upgrade()
     yield db
     db.dispose()
+
+
+@pytest.fixture
+def node_database(node):
+    """The migrated database of the test module's `node` fixture (a NodeProcess, configured, not started)."""
+    database = node.database()
+    yield database
+    database.dispose()

@@ -44,13 +44,6 @@ def node(tmp_path) -> NodeProcess:
     return node
 
 
-@pytest.fixture
-def database(node):
-    database = node.database()
-    yield database
-    database.dispose()
-
-
 def run(node: NodeProcess, *args: str):
     return CliRunner().invoke(main, [*args, "--config", str(node.config_path)])
 
@@ -78,7 +71,7 @@ not-a-uid,,Heart size is normal.,
 """
 
 
-def test_rows_matched_unmatched_and_rejected_are_counted_and_a_reimport_adds_nothing(node, database, tmp_path):
+def test_rows_matched_unmatched_and_rejected_are_counted_and_a_reimport_adds_nothing(node, node_database, tmp_path):
     export = write(tmp_path / "ris.csv", RIS_EXPORT)
     result = run(node, "import-reports", str(export), "--json")
     assert result.exit_code == 0, result.output
@@ -89,7 +82,7 @@ def test_rows_matched_unmatched_and_rejected_are_counted_and_a_reimport_adds_not
                                     "signed_at is not an ISO 8601 date or time": [10],
                                     "3 fields where the header has 4": [11],
                                     "accession number matches 2 studies (give the study UID)": [14]}}
-    with database.read() as session:
+    with node_database.read() as session:
         rows = {row.source_ref: row for row in session.scalars(select(SignedReport))}
         held = session.scalar(select(Study).where(Study.study_uid == HELD_UID))
         by_accession = session.scalar(select(Study).where(Study.accession_number == "ACC-2"))
@@ -108,16 +101,16 @@ def test_rows_matched_unmatched_and_rejected_are_counted_and_a_reimport_adds_not
                                    "arrives), 5 already imported, 6 rejected")
     assert "  rejected, empty report: 1 (line 7)" in again.stdout
     assert "pleural" not in again.output and "Cardiomegaly" not in again.output, "no report text in the output"
-    with database.read() as session:
+    with node_database.read() as session:
         assert session.scalar(select(func.count(SignedReport.id))) == 5
 
 
-def test_kept_aside_reports_are_claimed_when_their_study_arrives(node, database, tmp_path):
+def test_kept_aside_reports_are_claimed_when_their_study_arrives(node, node_database, tmp_path):
     assert run(node, "import-reports", str(write(tmp_path / "ris.csv", RIS_EXPORT))).exit_code == 0
-    with database.session() as session:
+    with node_database.session() as session:
         by_uid = add_study(session, UNKNOWN_UID)
         by_accession = add_study(session, generate_uid(), "ACC-9")
-    with database.read() as session:
+    with node_database.read() as session:
         rows = {row.source_ref: row.study_id for row in session.scalars(select(SignedReport))}
     assert (rows["ris.csv:5"], rows["ris.csv:6"]) == (by_uid.id, by_accession.id)
     assert json.loads(run(node, "quality", "--json").stdout)["kept_aside"] == 0
@@ -133,17 +126,17 @@ def test_kept_aside_reports_are_claimed_when_their_study_arrives(node, database,
     ("broken.jsonl", json.dumps({"study_instance_uid": HELD_UID, "report": "Fine."}) + "\n{not json\n",
      "utf-8", "broken.jsonl line 2 is not JSON"),
 ])
-def test_a_malformed_file_imports_nothing_and_names_the_line(node, database, tmp_path, name, content, encoding,
+def test_a_malformed_file_imports_nothing_and_names_the_line(node, node_database, tmp_path, name, content, encoding,
                                                              message):
     result = run(node, "import-reports", str(write(tmp_path / name, content, encoding)))
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr and "nothing imported" in result.stderr
     assert "Traceback" not in result.output
-    with database.read() as session:
+    with node_database.read() as session:
         assert session.scalar(select(func.count(SignedReport.id))) == 0
 
 
-def test_jsonl_with_findings_and_impression_or_site_column_names(node, database, tmp_path):
+def test_jsonl_with_findings_and_impression_or_site_column_names(node, node_database, tmp_path):
     export = write(tmp_path / "ris.jsonl", "\n".join(json.dumps(row) for row in [
         {"accession_number": "ACC-2", "findings": "Heart size is normal.", "impression": "No acute disease."},
         {"StudyUID": HELD_UID, "Befund": "Small   left pleural\teffusion."},
@@ -154,7 +147,7 @@ def test_jsonl_with_findings_and_impression_or_site_column_names(node, database,
     renamed = run(node, "import-reports", str(export), "--study-uid-column", "StudyUID", "--report-column", "Befund",
                   "--json")
     assert json.loads(renamed.stdout)["matched"] == 1
-    with database.read() as session:
+    with node_database.read() as session:
         rows = {row.source_ref: row for row in session.scalars(select(SignedReport))}
     assert (rows["ris.jsonl:1"].findings, rows["ris.jsonl:1"].impression) == ("Heart size is normal.",
                                                                               "No acute disease.")

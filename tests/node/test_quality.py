@@ -62,13 +62,6 @@ def node(tmp_path) -> NodeProcess:
     return node
 
 
-@pytest.fixture
-def database(node):
-    database = node.database()
-    yield database
-    database.dispose()
-
-
 def rouge_l(lcs: int, hypothesis: int, reference: int, beta: float = 1.2) -> float:
     precision, recall = lcs / hypothesis, lcs / reference
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
@@ -97,7 +90,7 @@ def assert_groups(groups: list[dict], expected: list[dict]) -> None:
             assert group[key] == pytest.approx(wanted[key], abs=1e-6), key
 
 
-def test_summary_by_model_version_and_month_matches_a_hand_computation(node, database):
+def test_summary_by_model_version_and_month_matches_a_hand_computation(node, node_database):
     result = CliRunner().invoke(main, ["quality", "--json", "--config", str(node.config_path)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -112,16 +105,16 @@ def test_summary_by_model_version_and_month_matches_a_hand_computation(node, dat
     assert len(lines) == 3 and "1 kept aside" in lines[2]
 
 
-def test_each_pair_is_scored_once_and_a_newer_signed_report_makes_a_new_pair(database):
-    assert update_quality(database) == 3
-    assert update_quality(database) == 0
-    with database.session() as session:
+def test_each_pair_is_scored_once_and_a_newer_signed_report_makes_a_new_pair(node_database):
+    assert update_quality(node_database) == 3
+    assert update_quality(node_database) == 0
+    with node_database.session() as session:
         study_a = session.scalar(select(Study).join(Report).where(Report.findings == "Large right pleural effusion."))
         signed(session, study_a, "Small right pleural effusion.", at(12, 1))
-    with database.read() as session:
+    with node_database.read() as session:
         assert summarise(session)["not_yet_scored"] == 1
-    assert update_quality(database) == 1
-    with database.read() as session:
+    assert update_quality(node_database) == 1
+    with node_database.read() as session:
         assert session.scalar(select(func.count(ReportQuality.id))) == 4  # the old pair stays as history
         v1 = summarise(session)["groups"][0]
     # A now: "large right pleural effusion ." against "small right pleural effusion .": precisions 4/5, 3/4, 2/3,
