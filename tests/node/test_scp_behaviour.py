@@ -52,9 +52,11 @@ def test_associations_beyond_the_limit_are_rejected_and_the_node_recovers(tmp_pa
         assert extra.acceptor.primitive.diagnostic == 0x02  # local limit exceeded
         for assoc in held:
             assoc.release()
-        time.sleep(0.5)
-        again = ae.associate("127.0.0.1", node.port, ae_title="RIHA")
-        assert again.is_established and again.send_c_echo().Status == 0
+        deadline = time.monotonic() + 10  # the released slots free as their threads end: soon, later under load
+        while not (again := ae.associate("127.0.0.1", node.port, ae_title="RIHA")).is_established:
+            assert time.monotonic() < deadline, "released associations never freed their slots"
+            time.sleep(0.2)
+        assert again.send_c_echo().Status == 0
         again.release()
     finally:
         assert node.stop() == 0
