@@ -8,6 +8,23 @@ from riha_node.db import Database
 from tests.node.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures, one server per session)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """An empty database on each engine the node supports: the test runs once per engine."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'riha-node.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def engine_database(database_url):
+    """The database of `database_url`, migrated."""
+    db = Database(database_url)
+    db.upgrade()
+    yield db
+    db.dispose()
+
+
 @pytest.fixture
 def database(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'riha-node.db'}")

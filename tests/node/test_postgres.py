@@ -22,13 +22,6 @@ from tests.node.peers import VENV_BIN, NodeProcess, StorescpProcess, dcmtk, dcmt
 pytestmark = pytest.mark.peer
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'riha-node.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 def test_migrations_reach_head_and_match_the_models(database_url):
     db = Database(database_url)
     try:

@@ -34,10 +34,12 @@ from tests.node.peers import open_node
 REPO = Path(__file__).resolve().parents[2]
 
 
-def node_config(folder: Path, checkpoint: Path, extra: str = "") -> Config:
-    """A node configuration in `folder` (storage there, SQLite, CPU worker) with the given [model] checkpoint."""
+def node_config(folder: Path, checkpoint: Path, extra: str = "", database_url: str = "") -> Config:
+    """A node configuration in `folder` (storage there, SQLite unless another database is given, CPU worker) with
+    the given [model] checkpoint."""
     path = folder / "riha-node.toml"
-    path.write_text(f'[node]\nstorage_dir = "storage"\n\n[worker]\ndevice = "cpu"\nbatch_size = 8\n'
+    path.write_text(f'[node]\nstorage_dir = "storage"\ndatabase_url = "{database_url}"\n\n'
+                    f'[worker]\ndevice = "cpu"\nbatch_size = 8\n'
                     f'poll_interval_s = 0.05\n\n[model]\ncheckpoint = "{checkpoint}"\n\n{extra}')
     return load_config(path, environ={})
 
@@ -120,12 +122,13 @@ def test_configured_checkpoint_becomes_the_first_active_version_owned_by_the_reg
     assert json.loads(row.data_counts)["train"] > 0  # from the checkpoint's training metadata
 
 
-def test_exactly_one_version_is_active_even_against_a_direct_write(tmp_path, phantom_checkpoint):
-    config = node_config(tmp_path, phantom_checkpoint)
+@pytest.mark.peer
+def test_exactly_one_version_is_active_even_against_a_direct_write(tmp_path, phantom_checkpoint, database_url):
+    config = node_config(tmp_path, phantom_checkpoint, database_url=database_url)
     db, _ = open_node(config)
     ensure_configured(db, config)
     second = variant(phantom_checkpoint, tmp_path / "second.riha", "second")
-    config_two = node_config(tmp_path, second)
+    config_two = node_config(tmp_path, second, database_url=database_url)
     ensure_configured(db, config_two)  # a newly configured file takes over
     with db.read() as session:
         states = {row.sha256: row.state for row in session.scalars(select(ModelVersion))}
@@ -136,6 +139,7 @@ def test_exactly_one_version_is_active_even_against_a_direct_write(tmp_path, pha
                 row.state = ACTIVE
     with db.read() as session:
         assert sorted(row.state for row in session.scalars(select(ModelVersion))) == [ACTIVE, RETIRED]
+    db.dispose()
 
 
 def test_workers_follow_activate_and_rollback_and_the_sr_names_the_version(tmp_path, phantom_checkpoint,
@@ -206,32 +210,33 @@ def test_rollback_with_no_earlier_version_says_so(tmp_path, phantom_checkpoint):
             rollback(session, config.node.storage_dir)
 
 
-def test_retrain_lock_is_exclusive_and_freed_when_its_holder_is_gone(database):
-    with RetrainLock(database, 60):
+@pytest.mark.peer
+def test_retrain_lock_is_exclusive_and_freed_when_its_holder_is_gone(engine_database):
+    with RetrainLock(engine_database, 60):
         with pytest.raises(RetrainBusy, match="Another retrain"):
-            with RetrainLock(database, 60):
+            with RetrainLock(engine_database, 60):
                 pass
-    with database.read() as session:
+    with engine_database.read() as session:
         assert session.get(TaskLock, "retrain") is None  # released on exit
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with database.session() as session:  # a holder on this host that was killed: its pid is gone
+    with engine_database.session() as session:  # a holder on this host that was killed: its pid is gone
         session.add(TaskLock(name="retrain", owner=f"{os.uname().nodename}:{dead.pid}", acquired_at=utcnow(),
                              expires_at=utcnow() + timedelta(hours=1)))
-    with RetrainLock(database, 60) as lock:
-        with database.read() as session:
+    with RetrainLock(engine_database, 60) as lock:
+        with engine_database.read() as session:
             assert session.get(TaskLock, "retrain").owner == lock.owner
 
-    with database.session() as session:  # a holder on another host: only its expiry frees the lock
+    with engine_database.session() as session:  # a holder on another host: only its expiry frees the lock
         session.add(TaskLock(name="retrain", owner="elsewhere:1", acquired_at=utcnow(),
                              expires_at=utcnow() + timedelta(hours=1)))
     with pytest.raises(RetrainBusy):
-        with RetrainLock(database, 60):
+        with RetrainLock(engine_database, 60):
             pass
-    with database.session() as session:
+    with engine_database.session() as session:
         session.get(TaskLock, "retrain").expires_at = utcnow() - timedelta(seconds=1)
-    with RetrainLock(database, 60):
+    with RetrainLock(engine_database, 60):
         pass
 
 
