@@ -152,14 +152,16 @@ def test_a_killed_worker_loses_its_lease_and_another_worker_reports_the_study_on
         claimed += first.stdout.readline()
     first.send_signal(signal.SIGKILL)
     rest, _ = first.communicate(timeout=10)
+    (node.workdir / "killed-worker.log").write_text(claimed + rest)  # the session's PHI scan reads it
     assert '"event": "study claimed"' in claimed and '"event": "study reported"' not in claimed + rest
     assert node.studies()[0]["state"] == "processing"
-    second = subprocess.Popen(worker_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        node.wait_for(lambda: node.studies("exported"), timeout=120, what="the second worker's report")
-    finally:
-        second.terminate()
-        second.wait(timeout=60)
+    with (node.workdir / "second-worker.log").open("w") as log:  # the session's PHI scan reads it
+        second = subprocess.Popen(worker_command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            node.wait_for(lambda: node.studies("exported"), timeout=120, what="the second worker's report")
+        finally:
+            second.terminate()
+            second.wait(timeout=60)
     time.sleep(2)
     assert len(receiver.received()) == 1
     assert node.status()["queue"].get("done") == 1

@@ -116,8 +116,9 @@ def adapted(tmp_path_factory, effusion_free_model, site_studies):
     """A retrain killed with SIGKILL after its first epoch, what it left behind, and the retrain started again."""
     config, db = site_node(tmp_path_factory.mktemp("adapt"), effusion_free_model, site_studies)
     [base] = versions(db).values()
+    log = (config.source.parent / "killed-retrain.log").open("w")  # the session's PHI scan reads it
     process = subprocess.Popen([sys.executable, "-m", "riha_node.cli", "retrain", "--config", str(config.source)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                env=os.environ | {"RIHA_NODE_LOGGING_FORMAT": "json"})
     runs = config.node.storage_dir / "retrain"
     deadline = time.monotonic() + 240
@@ -126,6 +127,7 @@ def adapted(tmp_path_factory, effusion_free_model, site_studies):
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    log.close()
     with db.read() as session:
         left = {"versions": versions(db), "lock": session.get(TaskLock, "retrain"), "pid": process.pid,
                 "manifest": [json.loads(line) for line in next(runs.glob("*/dataset.jsonl")).read_text().splitlines()],
