@@ -234,14 +234,17 @@ def import_reports(config_path: Path | None, file: Path, study_uid_column: str, 
                    report_column: str, findings_column: str, impression_column: str, signed_at_column: str,
                    as_json: bool) -> None:
     """Import signed reports from a RIS export (FILE.csv or FILE.jsonl) as ground truth."""
+    from riha_node.quality import update_quality
 
     config = load_configured(config_path)
     columns = Columns(study_uid_column, accession_column, report_column, findings_column, impression_column,
                       signed_at_column)
     summary = ImportSummary(file=file.name)
     rows = read_report_file(file, columns, summary)
-    with open_existing_database(config).session() as session:
+    database = open_existing_database(config)
+    with database.session() as session:
         import_rows(session, rows, summary)
+    update_quality(database)  # each matched study with a delivered draft: how far the signed report moved from it
     rejected = sum(len(lines) for lines in summary.rejected.values())
     log.info("signed reports imported", rows=summary.rows, matched=summary.matched, kept_aside=summary.kept_aside,
              already_imported=summary.already_imported, rejected=rejected)

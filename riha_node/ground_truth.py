@@ -167,10 +167,14 @@ def kept_aside_count(session: Session) -> int:
     return session.scalar(select(func.count(SignedReport.id)).where(SignedReport.study_id.is_(None))) or 0
 
 
-def ground_truth_by_study(session: Session) -> dict[int, SignedReport]:
-    """Each study's current ground truth: its newest signed report (signing time, else arrival; then the later row)."""
+def ground_truth_by_study(session: Session, study_ids: list[int] | None = None) -> dict[int, SignedReport]:
+    """Each study's (of `study_ids`, else every study's) current ground truth: its newest signed report (signing
+    time, else arrival; then the later row)."""
+    query = select(SignedReport).where(SignedReport.study_id.is_not(None))
+    if study_ids is not None:
+        query = query.where(SignedReport.study_id.in_(study_ids))
     newest: dict[int, SignedReport] = {}
-    for row in session.scalars(select(SignedReport).where(SignedReport.study_id.is_not(None))):
+    for row in session.scalars(query):
         held = newest.get(row.study_id)
         if held is None or _recency(row) > _recency(held):
             newest[row.study_id] = row

@@ -21,6 +21,7 @@ from riha_node.db import Database
 from riha_node.ground_truth import SignedText, signed_report_in
 from riha_node.ingest import InvalidInstance, ReceivedInstance, already_stored, ignored_reason, record_instance
 from riha_node.log import get_logger
+from riha_node.quality import update_quality
 from riha_node.statuses import EchoStatus, StoreStatus
 from riha_node.storage import InstanceStore, sha256_of
 
@@ -180,7 +181,17 @@ class StoreHandler:
             return StoreStatus.SUCCESS
         log.info("instance stored", **ids, study_id=study_id, study_state=study_state, size_bytes=size,
                  transfer_syntax=instance.transfer_syntax_uid, ignored_reason=reason, signed_report=signed is not None)
+        if signed is not None:
+            self._score_against_draft(study_id)
         return StoreStatus.SUCCESS
+
+    def _score_against_draft(self, study_id: int) -> None:
+        """A signed report for a held study: record now how far it moved from the draft the radiologist saw (a few
+        milliseconds); a failure costs only the score, which `riha-node quality` computes later."""
+        try:
+            update_quality(self.db, [study_id])
+        except Exception as exc:
+            log.warning("quality not scored", study_id=study_id, error=type(exc).__name__)
 
     def _record(self, instance: ReceivedInstance, reason: str | None, rel_path: str, size: int, digest: str,
                 calling_ae: str, signed: SignedText | None) -> tuple[int | None, str | None]:

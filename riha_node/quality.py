@@ -1,10 +1,12 @@
 """Draft versus signed report: how far radiologists move from what the model wrote, by model version and month.
 
 For each study the pair compared is its ground truth (newest signed report, riha_node.ground_truth) and the newest
-draft delivered to PACS before that signed report reached the node: the draft the radiologist could see. Scores are
-computed lazily, once per pair, by `update_quality` (`riha-node quality` runs it first): the texts are read in a
-read-only session, scored outside any transaction (the SQLite write lock is never held while scoring) and written in
-one short transaction. A newer signed report or draft makes a new pair; the summary uses current pairs only.
+draft delivered to PACS before that signed report reached the node: the draft the radiologist could see. So a pair
+forms only when a signed report arrives, and that is when it is scored, once, by `update_quality`: for the study
+right after a signed SR is stored, for every study after `riha-node import-reports`, and again by `riha-node quality`
+for anything missed. The texts are read in a read-only session, scored outside any transaction (the SQLite write
+lock is never held while scoring) and written in one short transaction. A newer signed report makes a new pair; the
+summary uses current pairs only.
 
 BLEU-4 and ROUGE-L are pycocoevalcap's, called as riha_model.metrics calls them, on R2Gen-cleaned text (MIMIC-CXR
 cleaning: signed reports span lines), one score per study; the summary averages them. Clinical efficacy labels both
@@ -49,13 +51,16 @@ class Pair:
     drafted_at: datetime
 
 
-def current_pairs(session: Session, truth: dict[int, SignedReport]) -> list[Pair]:
-    """One pair per study that has both a ground truth (`truth`, by study id) and a draft delivered before it."""
-    delivered = session.execute(
-        select(Report.id, Report.study_id, Report.model_version, Report.created_at, func.min(Export.delivered_at))
-        .join(Export, Export.report_id == Report.id)
-        .where(Export.delivered_at.is_not(None))
-        .group_by(Report.id, Report.study_id, Report.model_version, Report.created_at))
+def current_pairs(session: Session, truth: dict[int, SignedReport], study_ids: list[int] | None = None) -> list[Pair]:
+    """One pair per study (of `study_ids`, else of all) that has both a ground truth (`truth`, by study id) and a
+    draft delivered before it."""
+    query = (select(Report.id, Report.study_id, Report.model_version, Report.created_at, func.min(Export.delivered_at))
+             .join(Export, Export.report_id == Report.id)
+             .where(Export.delivered_at.is_not(None))
+             .group_by(Report.id, Report.study_id, Report.model_version, Report.created_at))
+    if study_ids is not None:
+        query = query.where(Report.study_id.in_(study_ids))
+    delivered = session.execute(query)
     seen: dict[int, Pair] = {}
     for report_id, study_id, model_version, created_at, first_delivered in delivered:
         signed = truth.get(study_id)
@@ -67,11 +72,16 @@ def current_pairs(session: Session, truth: dict[int, SignedReport]) -> list[Pair
     return sorted(seen.values(), key=lambda pair: pair.study_id)
 
 
-def update_quality(db: Database) -> int:
-    """Score every current pair that has no quality row yet; returns how many were added."""
+def update_quality(db: Database, study_ids: list[int] | None = None) -> int:
+    """Score every current pair (of `study_ids`, else of all studies) that has no quality row yet; returns how many
+    were added."""
     with db.read() as session:
-        done = set(map(tuple, session.execute(select(ReportQuality.report_id, ReportQuality.signed_report_id))))
-        todo = [pair for pair in current_pairs(session, ground_truth_by_study(session))
+        done_query = select(ReportQuality.report_id, ReportQuality.signed_report_id)
+        if study_ids is not None:
+            done_query = done_query.join(Report, Report.id == ReportQuality.report_id).where(
+                Report.study_id.in_(study_ids))
+        done = set(map(tuple, session.execute(done_query)))
+        todo = [pair for pair in current_pairs(session, ground_truth_by_study(session, study_ids), study_ids)
                 if (pair.report_id, pair.signed_report_id) not in done]
         drafts = _texts(session, Report.id, Report.findings, [pair.report_id for pair in todo])
         signed = _texts(session, SignedReport.id, SignedReport.text, [pair.signed_report_id for pair in todo])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import highdicom as hd
@@ -14,10 +15,11 @@ from sqlalchemy import select
 
 from riha_node.db import Database
 from riha_node.ground_truth import read_signed_report, signed_report_in
-from riha_node.models import Instance, SignedReport, Study
+from riha_node.models import Instance, ReportQuality, SignedReport, Study, utcnow
 from riha_node.sr import AlgorithmInfo, DraftReport, build_draft_sr
 from tests.node.peers import NodeProcess, dcmtk, dcmtk_env
 from tests.node.samples import derive, real_file
+from tests.node.test_quality import draft
 
 FINDINGS = "Small left pleural effusion. Heart size is normal."
 IMPRESSION = "Small left effusion, otherwise no acute abnormality."
@@ -145,6 +147,12 @@ def test_signed_srs_pushed_with_storescu_become_ground_truth_or_are_kept_aside(t
                                            study_uid=generate_uid(), AccessionNumber="ACC-HELD"),
                                     stop_before_pixels=True)  # a RIS that files its report in a study of its own
         by_accession = save(signed_sr(ris_study, unnamed_tree()), tmp_path / "in" / "by_accession.dcm")
+        drafts = node.database()
+        with drafts.session() as session:  # the node's draft, delivered before the radiologist signed
+            held_study = session.scalar(select(Study).where(Study.study_uid == held_uid))
+            drafted = utcnow() - timedelta(minutes=5)
+            draft_id = draft(session, held_study, "Heart size is normal.", "v1", drafted, drafted).id
+        drafts.dispose()
         storescu(node, verified, vendor, draft_echo, by_accession)
         storescu(node, vendor)  # sent twice: still one row
 
@@ -155,6 +163,7 @@ def test_signed_srs_pushed_with_storescu_become_ground_truth_or_are_kept_aside(t
                 reports = {r.source_ref: r for r in session.scalars(select(SignedReport))}
                 stored_srs = set(session.scalars(select(Instance.sop_instance_uid)
                                                  .where(Instance.study_id == studies[held_uid].id)))
+                scored = [(row.report_id, row.signed_report_id) for row in session.scalars(select(ReportQuality))]
             assert set(studies) == {held_uid}, "an SR for an unknown study must not create a study"
             assert studies[held_uid].state == "receiving", "an SR must not mark a held study ignored"
             verified_uid, vendor_uid, echo_uid, accession_uid = (pydicom.dcmread(p).SOPInstanceUID
@@ -165,6 +174,7 @@ def test_signed_srs_pushed_with_storescu_become_ground_truth_or_are_kept_aside(t
             assert (held.study_id, held.source, held.findings, held.impression) == (
                 studies[held_uid].id, "sr", LONG_FINDINGS, IMPRESSION)
             assert {verified_uid, echo_uid} <= stored_srs, "SRs for a held study are stored as instances"
+            assert scored == [(draft_id, held.id)], "scored against the delivered draft on arrival, before `quality`"
             aside = reports[vendor_uid]
             assert (aside.study_id, aside.study_uid, aside.accession_number) == (None, unknown_uid, "ACC-LATER")
             assert aside.impression == IMPRESSION

@@ -105,6 +105,15 @@ def test_summary_by_model_version_and_month_matches_a_hand_computation(node, nod
     assert len(lines) == 3 and "1 kept aside" in lines[2]
 
 
+def test_scoring_one_study_leaves_the_others_to_a_later_run(node_database):
+    """What the SCP does when a signed SR arrives: score that study's pair only."""
+    with node_database.read() as session:
+        study_a = session.scalar(select(Report.study_id).where(Report.findings == "Large right pleural effusion."))
+    assert update_quality(node_database, [study_a]) == 1
+    assert update_quality(node_database, [study_a]) == 0
+    assert update_quality(node_database) == 2
+
+
 def test_each_pair_is_scored_once_and_a_newer_signed_report_makes_a_new_pair(node_database):
     assert update_quality(node_database) == 3
     assert update_quality(node_database) == 0

@@ -9,8 +9,10 @@ import json
 
 import pydicom
 import pytest
+from sqlalchemy import func, select
 
 from riha_model.phantoms import write_phantoms
+from riha_node.models import ReportQuality
 from tests.node.peers import StorescpProcess
 from tests.node.test_loop import loop_node, send
 
@@ -46,6 +48,10 @@ def test_drafted_studies_signed_reports_quality_and_a_judged_retrain(tmp_path, p
             writer.writerow(["1.2.3.999", "A report for a study this node never saw."])
         imported = json.loads(node.cli("import-reports", str(export), "--json").stdout)
         assert (imported["matched"], imported["kept_aside"], imported["rejected"]) == (STUDIES, 1, {})
+        database = node.database()
+        with database.read() as session:  # scored by the import itself, before anyone asks for `quality`
+            assert session.scalar(select(func.count(ReportQuality.id))) == STUDIES
+        database.dispose()
 
         quality = json.loads(node.cli("quality", "--json").stdout)
         [group] = quality["groups"]
