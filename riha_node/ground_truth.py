@@ -154,7 +154,8 @@ def add_signed_report(session: Session, signed: SignedText, *, study: Study | No
 
 
 def claim_kept_aside(session: Session, study: Study) -> int:
-    """Attach the signed reports kept aside for this (new) study; returns how many."""
+    """Attach the signed reports kept aside for this study (new, or just given its accession number); returns how
+    many."""
     matches = [SignedReport.study_uid == study.study_uid]
     if study.accession_number:
         matches.append(SignedReport.accession_number == study.accession_number)

@@ -136,7 +136,9 @@ def record_instance(session: Session, instance: ReceivedInstance, *, reason: str
     else:
         study.last_received_at = now
         study.priority = min(study.priority, instance.priority)
-        study.accession_number = study.accession_number or instance.accession_number
+        if study.accession_number is None and instance.accession_number:  # first seen on a later instance
+            study.accession_number = instance.accession_number
+            claim_kept_aside(session, study)
         current = StudyState(study.state)
         if reason is None and current in REOPENABLE:
             cancel_pending_jobs(session, study)

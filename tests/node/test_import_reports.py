@@ -116,6 +116,20 @@ def test_kept_aside_reports_are_claimed_when_their_study_arrives(node, node_data
     assert json.loads(run(node, "quality", "--json").stdout)["kept_aside"] == 0
 
 
+def test_a_kept_aside_report_is_claimed_when_a_later_instance_brings_the_accession_number(node, node_database,
+                                                                                           tmp_path):
+    export = write(tmp_path / "late.csv", "accession_number,report\nACC-10,Cardiomegaly.\n")
+    assert json.loads(run(node, "import-reports", str(export), "--json").stdout)["kept_aside"] == 1
+    with node_database.session() as session:
+        study = add_study(session, generate_uid())  # its first instance has no accession number
+    with node_database.read() as session:
+        assert session.scalar(select(SignedReport.study_id)) is None
+    with node_database.session() as session:
+        add_study(session, study.study_uid, "ACC-10")
+    with node_database.read() as session:
+        assert session.scalar(select(SignedReport.study_id)) == study.id
+
+
 @pytest.mark.parametrize(("name", "content", "encoding", "message"), [
     ("quote.csv", f'study_instance_uid,report\n{HELD_UID},Fine.\n{HELD_UID},"Open "quote" here.\n',
      "utf-8", "quote.csv line 3 is not valid CSV"),
