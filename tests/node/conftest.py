@@ -8,9 +8,10 @@ from riha_node.db import Database
 from tests.node.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures, one server per session)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.peer)])
 def database_url(request, tmp_path) -> str:
-    """An empty database on each engine the node supports: the test runs once per engine."""
+    """An empty database on each engine the node supports: the test runs once per engine (the PostgreSQL run is a
+    `peer` test)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'riha-node.db'}"
     return request.getfixturevalue("postgres_url")

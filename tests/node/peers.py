@@ -69,6 +69,7 @@ class NodeProcess:
                                                                           ("TESTSCU", None)])
     extra_toml: str = ""
     ae_title: str = "RIHA"
+    database_url: str = ""  # empty: SQLite in the storage folder
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
@@ -93,6 +94,7 @@ class NodeProcess:
             host = "127.0.0.1"
             port = {self.port}
             storage_dir = "storage"
+            database_url = "{self.database_url}"
             network_timeout_s = 10
             acse_timeout_s = 10
             dimse_timeout_s = 20
@@ -161,14 +163,14 @@ class NodeProcess:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; log:\n{self.log_text()[-3000:]}")
 
     def database(self):
-        """This node's SQLite database, migrated, with its configuration written: for commands that work on the
-        database alone, no serve process needed. The caller disposes of it."""
+        """This node's database, migrated, with its configuration written: for commands that work on the database
+        alone, no serve process needed. The caller disposes of it."""
         from riha_node.db import Database
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
             self.write_config()
-        database = Database(f"sqlite:///{self.storage_dir / 'riha-node.db'}")
+        database = Database(self.database_url or f"sqlite:///{self.storage_dir / 'riha-node.db'}")
         database.upgrade()
         return database
 

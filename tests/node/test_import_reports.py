@@ -31,9 +31,9 @@ def add_study(session, study_uid: str, accession_number: str | None = None) -> S
 
 
 @pytest.fixture
-def node(tmp_path) -> NodeProcess:
+def node(tmp_path, database_url) -> NodeProcess:
     """A node's configuration and migrated database (no process: import-reports works on the database)."""
-    node = NodeProcess(tmp_path / "node")
+    node = NodeProcess(tmp_path / "node", database_url=database_url)
     database = node.database()
     with database.session() as session:
         add_study(session, HELD_UID)

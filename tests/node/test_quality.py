@@ -40,9 +40,9 @@ def signed(session, study, text: str, received: datetime, signed_at: datetime | 
 
 
 @pytest.fixture
-def node(tmp_path) -> NodeProcess:
+def node(tmp_path, database_url) -> NodeProcess:
     """Four studies drafted by two model versions in two months, with signed reports (and one kept aside)."""
-    node = NodeProcess(tmp_path / "node")
+    node = NodeProcess(tmp_path / "node", database_url=database_url)
     database = node.database()
     with database.session() as session:
         a, b, c, d = (add_study(session, generate_uid()) for _ in range(4))

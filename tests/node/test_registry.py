@@ -122,7 +122,6 @@ def test_configured_checkpoint_becomes_the_first_active_version_owned_by_the_reg
     assert json.loads(row.data_counts)["train"] > 0  # from the checkpoint's training metadata
 
 
-@pytest.mark.peer
 def test_exactly_one_version_is_active_even_against_a_direct_write(tmp_path, phantom_checkpoint, database_url):
     config = node_config(tmp_path, phantom_checkpoint, database_url=database_url)
     db, _ = open_node(config)
@@ -210,7 +209,6 @@ def test_rollback_with_no_earlier_version_says_so(tmp_path, phantom_checkpoint):
             rollback(session, config.node.storage_dir)
 
 
-@pytest.mark.peer
 def test_retrain_lock_is_exclusive_and_freed_when_its_holder_is_gone(engine_database):
     with RetrainLock(engine_database, 60):
         with pytest.raises(RetrainBusy, match="Another retrain"):
