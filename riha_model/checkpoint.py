@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from riha_model.config import RihaConfig
 from riha_model.errors import RihaModelError
+from riha_model.files import file_sha256
 from riha_model.model import RIHA
 
 FORMAT = "riha-checkpoint"
@@ -36,15 +37,6 @@ class Checkpoint:
     metrics: dict
     sha256: str  # of the whole file
     path: Path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of the whole file: the model's identity (ReportModel.sha256, the SR's model version)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:

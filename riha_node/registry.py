@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from riha_model.files import file_sha256
 from riha_node.config import Config
 from riha_node.db import Database
 from riha_node.errors import UserError
@@ -123,8 +124,6 @@ def ensure_configured(db: Database, config: Config) -> None:
     checkpoint = config.model.checkpoint
     if checkpoint is None or not checkpoint.is_file():
         return
-    from riha_model.checkpoint import file_sha256
-
     sha256 = file_sha256(checkpoint)
     with db.read() as session:
         if session.scalars(select(ModelVersion.id).where(ModelVersion.sha256 == sha256)).first() is not None:
@@ -155,8 +154,6 @@ def list_versions(session: Session) -> list[dict]:
 
 def _copy_verified(source: Path, target: Path, sha256: str) -> None:
     """Copy through a temporary file, check the copy's SHA-256, then rename: the registry never holds half a file."""
-    from riha_model.checkpoint import file_sha256
-
     if target.is_file() and file_sha256(target) == sha256:
         return
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from riha_model.api import ReportModel, readable_report
-from riha_model.checkpoint import file_sha256
+from riha_model.files import file_sha256
 from riha_model.errors import RihaModelError
 from riha_model.images import FRONTAL, LATERAL, load_image
 

@@ -200,6 +200,19 @@ def test_models_command_lists_activates_and_rolls_back(tmp_path, phantom_checkpo
     assert "active" in table and "retired" in table and "promoted  by operator" in table
 
 
+def test_models_commands_read_the_registry_without_loading_torch(tmp_path, phantom_checkpoint):
+    """An operator's `models list` takes under a second; loading torch would take several."""
+    config = node_config(tmp_path, phantom_checkpoint)
+    db, _ = open_node(config)
+    ensure_configured(db, config)
+    db.dispose()
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom riha_node.cli import main\n"
+            f"result = CliRunner().invoke(main, ['models', 'list', '--config', {str(config.source)!r}])\n"
+            "assert result.exit_code == 0, result.output\nprint('torch' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert ran.stdout.strip() == "False", ran.stderr
+
+
 def test_rollback_with_no_earlier_version_says_so(tmp_path, phantom_checkpoint):
     config = node_config(tmp_path, phantom_checkpoint)
     db, _ = open_node(config)
