@@ -169,8 +169,8 @@ def test_on_postgresql_the_figures_agree_and_readyz_fails_while_the_server_is_do
         url = server.create_database("riha")
         node = metrics_node(tmp_path / "node", extra_toml="")
         node.stop()
-        node.config_path.write_text(node.config_path.read_text().replace(
-            "[node]\n", f'[node]\ndatabase_url = "{url}"\n'))
+        config = node.config_path.read_text()
+        node.config_path.write_text(config.replace('database_url = ""', f'database_url = "{url}"'))
         node.start()
         try:
             chest = derive(real_file("RG1_UNCR.dcm"), tmp_path / "chest.dcm")
