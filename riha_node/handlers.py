@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from riha_node.config import PeerConfig, StudyConfig
@@ -21,6 +22,7 @@ from riha_node.db import Database
 from riha_node.ground_truth import SignedText, signed_report_in
 from riha_node.ingest import InvalidInstance, ReceivedInstance, already_stored, ignored_reason, record_instance
 from riha_node.log import get_logger
+from riha_node.models import SignedReport
 from riha_node.quality import update_quality
 from riha_node.statuses import EchoStatus, StoreStatus
 from riha_node.storage import InstanceStore, sha256_of
@@ -178,18 +180,25 @@ class StoreHandler:
         if study_id is None:
             log.info("signed report for a study not held", **ids, note="matched by accession number, else kept "
                      "aside until the study arrives (riha-node quality counts those)")
+            self._score_against_draft(instance.sop_instance_uid)
             return StoreStatus.SUCCESS
         log.info("instance stored", **ids, study_id=study_id, study_state=study_state, size_bytes=size,
                  transfer_syntax=instance.transfer_syntax_uid, ignored_reason=reason, signed_report=signed is not None)
         if signed is not None:
-            self._score_against_draft(study_id)
+            self._score_against_draft(instance.sop_instance_uid)
         return StoreStatus.SUCCESS
 
-    def _score_against_draft(self, study_id: int) -> None:
-        """A signed report for a held study: record now how far it moved from the draft the radiologist saw (a few
-        milliseconds); a failure costs only the score, which `riha-node quality` computes later."""
+    def _score_against_draft(self, sop_instance_uid: str) -> None:
+        """A signed SR just stored: if it became a study's ground truth (its own study, or one matched by accession
+        number), record now how far it moved from the draft the radiologist saw (a few milliseconds). A failure
+        costs only the score, which `riha-node quality` computes later."""
+        study_id = None
         try:
-            update_quality(self.db, [study_id])
+            with self.db.read() as session:
+                study_id = session.scalar(select(SignedReport.study_id)
+                                          .where(SignedReport.source_ref == sop_instance_uid))
+            if study_id is not None:
+                update_quality(self.db, [study_id])
         except Exception as exc:
             log.warning("quality not scored", study_id=study_id, error=type(exc).__name__)
 

@@ -174,7 +174,8 @@ def test_signed_srs_pushed_with_storescu_become_ground_truth_or_are_kept_aside(t
             assert (held.study_id, held.source, held.findings, held.impression) == (
                 studies[held_uid].id, "sr", LONG_FINDINGS, IMPRESSION)
             assert {verified_uid, echo_uid} <= stored_srs, "SRs for a held study are stored as instances"
-            assert scored == [(draft_id, held.id)], "scored against the delivered draft on arrival, before `quality`"
+            assert sorted(scored) == [(draft_id, held.id), (draft_id, reports[accession_uid].id)], \
+                "each signed SR is scored against the delivered draft on arrival, before `quality` runs"
             aside = reports[vendor_uid]
             assert (aside.study_id, aside.study_uid, aside.accession_number) == (None, unknown_uid, "ACC-LATER")
             assert aside.impression == IMPRESSION
