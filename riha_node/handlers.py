@@ -13,16 +13,14 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from riha_node.config import PeerConfig, StudyConfig
 from riha_node.dataset_check import DamagedDataSet, read_received
 from riha_node.db import Database
-from riha_node.ground_truth import SignedText, signed_report_in
+from riha_node.ground_truth import SignedText, already_recorded, signed_report_in
 from riha_node.ingest import InvalidInstance, ReceivedInstance, already_stored, ignored_reason, record_instance
 from riha_node.log import get_logger
-from riha_node.models import SignedReport
 from riha_node.quality import update_quality
 from riha_node.statuses import EchoStatus, StoreStatus
 from riha_node.storage import InstanceStore, sha256_of
@@ -180,10 +178,10 @@ class StoreHandler:
         if study_id is None:
             log.info("signed report for a study not held", **ids, note="matched by accession number, else kept "
                      "aside until the study arrives (riha-node quality counts those)")
-            self._score_against_draft(instance.sop_instance_uid)
-            return StoreStatus.SUCCESS
-        log.info("instance stored", **ids, study_id=study_id, study_state=study_state, size_bytes=size,
-                 transfer_syntax=instance.transfer_syntax_uid, ignored_reason=reason, signed_report=signed is not None)
+        else:
+            log.info("instance stored", **ids, study_id=study_id, study_state=study_state, size_bytes=size,
+                     transfer_syntax=instance.transfer_syntax_uid, ignored_reason=reason,
+                     signed_report=signed is not None)
         if signed is not None:
             self._score_against_draft(instance.sop_instance_uid)
         return StoreStatus.SUCCESS
@@ -195,8 +193,8 @@ class StoreHandler:
         study_id = None
         try:
             with self.db.read() as session:
-                study_id = session.scalar(select(SignedReport.study_id)
-                                          .where(SignedReport.source_ref == sop_instance_uid))
+                recorded = already_recorded(session, sop_instance_uid)
+                study_id = recorded.study_id if recorded is not None else None
             if study_id is not None:
                 update_quality(self.db, [study_id])
         except Exception as exc:
