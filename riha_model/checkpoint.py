@@ -19,10 +19,9 @@ from safetensors.torch import save_file
 
 from riha_model.config import RihaConfig
 from riha_model.errors import RihaModelError
-from riha_model.files import file_sha256
+from riha_model.files import CHECKPOINT_FORMAT, file_sha256
 from riha_model.model import RIHA
 
-FORMAT = "riha-checkpoint"
 FORMAT_VERSION = 1
 
 
@@ -55,7 +54,7 @@ def save_checkpoint(path: str | os.PathLike, model: RIHA, config: RihaConfig, to
     path = Path(path)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     header = {
-        "format": FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(config.to_dict()),
         "vocab_size": str(model.vocab_size),
@@ -87,7 +86,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise RihaModelError(f"Checkpoint {path} is damaged or truncated ({exc}); copy it again or retrain.") from exc
-    if header.get("format") != FORMAT:
+    if header.get("format") != CHECKPOINT_FORMAT:
         raise RihaModelError(f"{path} is a safetensors file but not a RIHA checkpoint; pass a file written by "
                              "`riha-node train`.")
     if header.get("format_version") != str(FORMAT_VERSION):

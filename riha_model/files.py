@@ -1,9 +1,11 @@
-"""A checkpoint file's identity without torch: its SHA-256 is the model's version, which riha_node's registry and
-`models` commands read without loading a model."""
+"""What a checkpoint file is, without torch: its format name (the safetensors header's "format") and its SHA-256,
+the model's version; riha_node's registry, `models` commands and readiness probe read them without loading a model."""
 from __future__ import annotations
 
 import hashlib
 import os
+
+CHECKPOINT_FORMAT = "riha-checkpoint"
 
 
 def file_sha256(path: str | os.PathLike) -> str:

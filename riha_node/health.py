@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+from riha_model.files import CHECKPOINT_FORMAT
 from riha_node.config import Config, ConfigError
 from riha_node.db import sqlite_path
 from riha_node.log import get_logger
@@ -30,7 +31,6 @@ from riha_node.storage import InstanceStore
 log = get_logger(__name__)
 
 PROBE_TIMEOUT_S = 3
-CHECKPOINT_FORMAT = "riha-checkpoint"  # the header riha_model.checkpoint writes; importing it would load torch
 
 
 def database_check(database_url: str, storage_dir: Path) -> tuple[str | None, Path | None]:
