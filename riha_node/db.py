@@ -37,6 +37,16 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def driver_error(exc: SQLAlchemyError) -> BaseException:
+    """The database driver's own exception behind SQLAlchemy's wrapper, when there is one (its type names the
+    problem without the message, which may quote data)."""
+    return getattr(exc, "orig", None) or exc
+
+
+def _one_line(exc: SQLAlchemyError) -> str:
+    return " ".join(str(driver_error(exc)).split())  # libpq's messages span lines: keep one
+
+
 def make_engine(url: str, writer: bool = True) -> Engine:
     """`writer=False` on SQLite: plain (deferred) transactions, which in WAL mode never wait for the writer."""
     if url.startswith("sqlite"):
@@ -92,8 +102,7 @@ class Database:
                 cfg.attributes["connection"] = connection
                 command.upgrade(cfg, "head")
         except SQLAlchemyError as exc:
-            reason = " ".join(str(exc.orig or exc).split())  # libpq's messages span lines: keep one
-            raise DatabaseError(f"Cannot upgrade the database at {self.safe_url}: {reason}") from None
+            raise DatabaseError(f"Cannot upgrade the database at {self.safe_url}: {_one_line(exc)}") from None
 
     def require_current(self) -> None:
         """Commands that only read or edit rows need the newest schema: say how to get it instead of failing on a
@@ -102,8 +111,7 @@ class Database:
             with self.engine.connect() as connection:
                 current = set(MigrationContext.configure(connection).get_current_heads())
         except SQLAlchemyError as exc:
-            reason = " ".join(str(exc.orig or exc).split())
-            raise DatabaseError(f"Cannot open the database at {self.safe_url}: {reason}") from None
+            raise DatabaseError(f"Cannot open the database at {self.safe_url}: {_one_line(exc)}") from None
         if current != set(ScriptDirectory.from_config(alembic_config()).get_heads()):
             raise DatabaseError(f"The database at {self.safe_url} has an older schema than this riha-node; run "
                                 "`riha-node db upgrade` (or restart `riha-node serve`, which upgrades it).")

@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from riha_model.files import CHECKPOINT_FORMAT
 from riha_node.config import Config, ConfigError
-from riha_node.db import sqlite_path
+from riha_node.db import driver_error, sqlite_path
 from riha_node.log import get_logger
 from riha_node.metrics import traffic_from_exposition
 from riha_node.registry import active_version
@@ -45,7 +45,7 @@ def database_check(database_url: str, storage_dir: Path) -> tuple[str | None, Pa
         with Session(engine) as session:
             active = active_version(session, storage_dir)
     except SQLAlchemyError as exc:
-        return f"database not reachable ({type(getattr(exc, 'orig', None) or exc).__name__})", None
+        return f"database not reachable ({type(driver_error(exc)).__name__})", None
     finally:
         engine.dispose()
     return None, active.path if active else None

@@ -16,7 +16,7 @@ from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
 from riha_node.config import Config
-from riha_node.db import Database
+from riha_node.db import Database, driver_error
 from riha_node.log import get_logger
 from riha_node.reporting import node_status
 from riha_node.storage import InstanceStore
@@ -72,7 +72,7 @@ class NodeCollector:
             with self.db.read() as session:
                 figures = node_status(session, self.config, self.store)
         except SQLAlchemyError as exc:
-            log.warning("metrics: database not readable", error=type(getattr(exc, "orig", None) or exc).__name__)
+            log.warning("metrics: database not readable", error=type(driver_error(exc)).__name__)
             yield _gauge("riha_node_database_up", "1 when the database answered this scrape", 0)
             return
         yield _gauge("riha_node_database_up", "1 when the database answered this scrape", 1)
