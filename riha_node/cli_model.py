@@ -97,7 +97,7 @@ def train(data, images, preset, recipe, out, epochs, batch_size, lr, lr_step, lr
     result = train_model(data=data, images=images, out=out, seed=seed, resume=resume, init=init, device=device,
                          validate_every=validate_every, **settings)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, from the process that wrote the file
-            click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
+        click.echo(f"best epoch {result.best_epoch}: validation BLEU-4 {result.best_metrics['BLEU_4']:.4f}; "
                    f"wrote {result.checkpoint} (sha256 {result.sha256[:12]})")
 
 
